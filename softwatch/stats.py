@@ -1,0 +1,181 @@
+"""The softmax statistics of a [batch, vocab] logits tensor (DESIGN.md, Definitions).
+
+For each row, with q = softmax(x) and pi the sampling distribution (softmax(x / T) on the
+sampling set {x >= keep_min}, renormalized; a point mass on the argmax when T = 0):
+
+    entropy = H(q)            top_prob = max q         margin = q(1st) - q(2nd)
+    sampling_entropy = H(pi)  logprob = log q(y)       sampling_logprob = log pi(y)
+    rank = #{i: x_i > x_y}    logit_max = max finite x
+    nonfinite = #{NaN, +-Inf} overflow = #{finite x: |x| > overflow_bound}
+
+Everything comes from one reduction per distribution: with m = max x, the tail sum
+s = sum_{i != argmax} exp(x_i - m) and t = sum_i (x_i - m) exp(x_i - m),
+
+    log Z = m + log1p(s),   H = log1p(s) - t / (1 + s),   top_prob = 1 / (1 + s).
+
+Keeping the argmax term (exactly 1) out of s keeps H, top_prob and logprob accurate to the
+last bits even when the distribution is nearly a point mass. Non-finite logits count in
+`nonfinite` and are otherwise left out (probability 0); a row whose logits are all
+non-finite gets NaN statistics. Nothing here reads the device back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling import (
+    EXP_FLOOR,
+    NONFINITE_FILL,
+    RowParams,
+    inverse_temperature,
+    keep_min_logit,
+    sanitize,
+)
+
+FIELDS = (
+    "entropy",
+    "sampling_entropy",
+    "top_prob",
+    "margin",
+    "logprob",
+    "sampling_logprob",
+    "rank",
+    "logit_max",
+    "nonfinite",
+    "overflow",
+)
+COLUMN = {name: i for i, name in enumerate(FIELDS)}
+OVERFLOW_BOUND = 88.72
+"""|x| above which exp(x) overflows fp32."""
+
+
+def softmax_stats(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: RowParams,
+    keep_min: torch.Tensor | None = None,
+    overflow_bound: float = OVERFLOW_BOUND,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Every token field for every row: a float32 [B, len(FIELDS)] tensor, columns in FIELDS order.
+
+    `tokens` [B] are the emitted tokens; `keep_min` [B] the sampling-set threshold from
+    `sampling.keep_min_logit` (computed here when not given). Integer fields are exact in
+    float32 up to 2**24. `backend` is "auto" (Triton on CUDA when available), "torch" or "triton".
+    """
+    if logits.dim() != 2 or tokens.shape != logits.shape[:1] or len(rows) != logits.shape[0]:
+        raise ValueError(
+            f"expected logits [B, V], tokens [B] and B row parameters; got {tuple(logits.shape)}, "
+            f"{tuple(tokens.shape)} and {len(rows)}"
+        )
+    if keep_min is None:
+        keep_min = keep_min_logit(sanitize(logits), rows)
+    if backend == "auto":
+        backend = "triton" if logits.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        from .stats_kernel import triton_softmax_stats
+
+        return triton_softmax_stats(logits, tokens, rows.temperature_t, keep_min, overflow_bound)
+    return torch_softmax_stats(logits, tokens, rows, keep_min, overflow_bound)
+
+
+def as_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Columns of a softmax_stats result by field name."""
+    return {name: stats[..., i] for i, name in enumerate(FIELDS)}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _ones_where_positive(v: torch.Tensor) -> torch.Tensor:
+    """1.0 where v > 0 else 0.0, in place; float ops only (bool reductions are ~10x slower on CPU)."""
+    return v.clamp_(min=0).sign_()
+
+
+def _clean(raw: torch.Tensor, overflow_bound: float) -> bool:
+    """CPU only: are all logits finite and within the overflow bound? Three cheap reductions."""
+    return bool(
+        torch.isfinite(raw.sum(dim=1)).all()
+        and raw.amax() <= overflow_bound
+        and raw.amin() >= -overflow_bound
+    )
+
+
+def _tail(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From e = exp(x - max x): the sum without one argmax term, and the second-largest e.
+
+    The argmax terms are exactly 1 and the only ones that floor to 1: subtracting floor(e)
+    drops them and keeps every other term exactly, and floor(e) counts the ties.
+    """
+    ones = torch.floor(e)
+    rest = e - ones
+    extra_ties = ones.sum(dim=1) - 1.0
+    second = torch.where(extra_ties > 0, 1.0, rest.amax(dim=1))
+    return rest.sum(dim=1) + extra_ties, second
+
+
+def torch_softmax_stats(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: RowParams,
+    keep_min: torch.Tensor,
+    overflow_bound: float = OVERFLOW_BOUND,
+) -> torch.Tensor:
+    """The PyTorch path: a few passes over [B, V], fewer still for a clean batch on the CPU."""
+    raw = logits.float()
+    y = tokens.long()[:, None]
+    if not raw.is_cuda and _clean(raw, overflow_bound):
+        x = raw
+        nonfinite = overflow = raw.new_zeros(raw.shape[0])
+    else:
+        x = sanitize(raw)
+        nonfinite = torch.nan_to_num_(raw - raw, nan=1.0).sum(dim=1)
+        # |x| > bound also holds for the fill value of every non-finite entry.
+        overflow = _ones_where_positive(x.abs().sub_(overflow_bound)).sum(dim=1) - nonfinite
+
+    m = x.amax(dim=1, keepdim=True)
+    x_y = x.gather(1, y)
+    rank = _ones_where_positive(x - x_y).sum(dim=1)
+    d_y = (x_y - m).squeeze(1)
+    d = (x - m).clamp_(min=EXP_FLOOR)
+    e = torch.exp(d)
+    s, second = _tail(e)
+    log1p_s = torch.log1p(s)
+    entropy = log1p_s - (d * e).sum(dim=1) / (1.0 + s)
+    top_prob = 1.0 / (1.0 + s)
+    margin = (1.0 - second) * top_prob
+    logprob = d_y - log1p_s
+
+    temperature = rows.temperature_t
+    if any(t not in (0.0, 1.0) for t in rows.temperature) or rows.any_filtered:
+        # The sampling distribution: the same reduction on z = (x - m) / T over the sampling set.
+        inv_t = inverse_temperature(temperature)
+        z = d.mul_(inv_t[:, None]).clamp_(min=EXP_FLOOR)  # d is spent
+        if rows.any_filtered:
+            z = torch.where(x < keep_min[:, None], EXP_FLOOR, z)
+        ez = torch.exp(z)
+        sz = _tail(ez)[0]
+        log1p_sz = torch.log1p(sz)
+        sampling_entropy = log1p_sz - (z * ez).sum(dim=1) / (1.0 + sz)
+        in_set = x_y.squeeze(1) >= keep_min
+        sampling_logprob = torch.where(in_set, d_y * inv_t - log1p_sz, float("-inf"))
+    else:  # every sampled row has pi = q
+        sampling_entropy, sampling_logprob = entropy, logprob
+    greedy = temperature <= 0
+    sampling_entropy = torch.where(greedy, 0.0, sampling_entropy)
+    sampling_logprob = torch.where(greedy, torch.where(d_y == 0, 0.0, float("-inf")), sampling_logprob)
+
+    out = torch.stack(
+        [entropy, sampling_entropy, top_prob, margin, logprob, sampling_logprob, rank,
+         m.squeeze(1), nonfinite, overflow],
+        dim=1,
+    )
+    dead = m <= NONFINITE_FILL  # every logit non-finite: no distribution to describe
+    counts = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
+    counts[[COLUMN["nonfinite"], COLUMN["overflow"]]] = True
+    return torch.where(dead & ~counts, float("nan"), out)
