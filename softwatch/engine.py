@@ -1,0 +1,419 @@
+"""Batched prefill + decode with a KV cache over a transformers causal LM, with continuous
+batching: requests join and leave the running batch between steps.
+
+Rows are left-padded to one cache length. A step is one forward pass: a prefill of the
+requests admitted at that step (their first token) or a decode of every running row. After
+sampling, the softmax statistics of the step are written into a device buffer; the only
+host read per step is the [B] sampled tokens, which stopping (EOS, stop strings) and
+streaming need anyway. A sequence's statistics cross to the host once, when it finishes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import json
+import math
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .models import LoadedModel
+from .sampling import NONFINITE_FILL, RowParams, keep_min_logit, sample, sanitize
+from .stats import COLUMN, FIELDS, softmax_stats
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; `field` names the offending parameter."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DecodingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    template_version: str = "v1"
+
+    def validate(self) -> None:
+        checks = [
+            ("temperature", isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+             and self.temperature >= 0, "must be a finite number >= 0"),
+            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = off)"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidRequest(name, f"{message}, got {getattr(self, name)!r}")
+
+    def regime_params(self) -> dict:
+        """The decoding parameters that shape the sampling distribution, normalized."""
+        greedy = self.temperature == 0
+        return {
+            "temperature": round(float(self.temperature), 6),
+            "top_p": 1.0 if greedy else round(float(self.top_p), 6),
+            "top_k": 0 if greedy else int(self.top_k),
+            "template_version": self.template_version,
+        }
+
+    @property
+    def params_id(self) -> str:
+        blob = json.dumps(self.regime_params(), sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=4).hexdigest()
+
+
+@dataclass
+class Completion:
+    """One finished request: what was generated, its per-token statistics and its regime."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length" | "error"
+    stats: torch.Tensor | None  # [generated, len(FIELDS)] float32 on the host; None uninstrumented
+    summary: dict
+    regime: dict
+    created: float  # wall-clock time of submission
+    ttft_s: float
+    latency_s: float
+
+    def token_records(self, tokenizer) -> list[dict]:
+        """[{"id", "text", <every token field>}] for each generated token."""
+        rows = self.stats.tolist() if self.stats is not None else [[] for _ in self.token_ids]
+        out = []
+        for token, values in zip(self.token_ids, rows):
+            record = {"id": token, "text": tokenizer.decode([token])}
+            record.update({name: _field_value(name, v) for name, v in zip(FIELDS, values)})
+            out.append(record)
+        return out
+
+
+def _field_value(name: str, v: float):
+    return int(v) if name in ("rank", "nonfinite", "overflow") and math.isfinite(v) else v
+
+
+def summarize(stats: torch.Tensor | None, extra_nonfinite: float = 0.0, extra_overflow: float = 0.0) -> dict:
+    """The sequence summary of DESIGN.md from a [n, F] statistics tensor."""
+    if stats is None:
+        return {}
+    n = stats.shape[0]
+    col = {name: stats[:, i].double() for name, i in COLUMN.items()}
+
+    def agg(name, fn):
+        return float(fn(col[name])) if n else float("nan")
+
+    return {
+        "perplexity": agg("logprob", lambda v: torch.exp(-v.mean())),
+        "sampling_perplexity": agg("sampling_logprob", lambda v: torch.exp(-v.mean())),
+        "mean_entropy": agg("entropy", torch.mean),
+        "max_entropy": agg("entropy", torch.max),
+        "mean_sampling_entropy": agg("sampling_entropy", torch.mean),
+        "mean_top_prob": agg("top_prob", torch.mean),
+        "min_top_prob": agg("top_prob", torch.min),
+        "mean_margin": agg("margin", torch.mean),
+        "nonfinite": int(col["nonfinite"].sum()) + int(extra_nonfinite),
+        "overflow": int(col["overflow"].sum()) + int(extra_overflow),
+    }
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: DecodingParams
+    seed: int
+    created: float
+    started: float  # perf_counter at submission
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    text: str | None = None  # set when a stop string cut it
+
+
+def keep_freed_memory() -> None:
+    """Keep freed buffers in the heap (glibc): CPU decode allocates the same large temporaries
+    every step, and returning them to the OS makes each step fault its pages back in, which
+    was measured to make the statistics pass 3-4x slower."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    except (OSError, AttributeError):
+        pass
+
+
+class Engine:
+    """Continuous-batching decode over one model. Not thread-safe: one caller drives `step()`."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        max_batch: int = 32,
+        instrument: bool = True,
+        stats_backend: str = "auto",
+    ):
+        keep_freed_memory()
+        self.lm = lm
+        self.max_batch = max_batch
+        self.instrument = instrument
+        self.stats_backend = stats_backend
+        self._eos = lm.eos_token_ids
+        self._waiting: list[_Sequence] = []
+        self._rows: list[_Sequence] = []
+        self._ids = itertools.count()
+        self._cache = None
+        self._mask = self._last = self._steps = self._stats = None
+        self._params: RowParams | None = None
+
+    # ---- requests -------------------------------------------------------------------------
+    def encode(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
+        """Token ids of a prompt: text, chat messages ([{"role", "content"}]) or ids."""
+        tok = self.lm.tokenizer
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if isinstance(prompt, list) or chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            if not messages:
+                raise InvalidRequest("messages", "must not be empty")
+            if not getattr(tok, "chat_template", None):
+                raise InvalidRequest("messages", f"model {self.lm.model_id} has no chat template")
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("prompt", "must be a non-empty string")
+        return tok(prompt)["input_ids"]
+
+    def submit(
+        self,
+        prompt: str | list[dict] | list[int],
+        params: DecodingParams = DecodingParams(),
+        chat: bool = False,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; it joins the running batch at the next step. Returns its id."""
+        params.validate()
+        ids = self.encode(prompt, chat)
+        context = self.lm.context_length
+        if not ids:
+            raise InvalidRequest("prompt", "encodes to no tokens")
+        if len(ids) >= context:
+            raise InvalidRequest("prompt", f"is {len(ids)} tokens; the model's context is {context}")
+        if len(ids) + params.max_tokens > context:
+            raise InvalidRequest(
+                "max_tokens",
+                f"{params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's context of {context}",
+            )
+        rid = request_id or f"req-{next(self._ids)}"
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self._waiting.append(_Sequence(rid, ids, params, seed, time.time(), time.perf_counter()))
+        return rid
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._rows)
+
+    def regime(self, params: DecodingParams) -> dict:
+        return {
+            "model_id": self.lm.model_id,
+            "model_rev": self.lm.model_rev,
+            "params_id": params.params_id,
+            **params.regime_params(),
+        }
+
+    def generate(
+        self, prompts: list, params: DecodingParams = DecodingParams(), chat: bool = False
+    ) -> list[Completion]:
+        """Run prompts to completion; results in prompt order."""
+        ids = [self.submit(p, params, chat) for p in prompts]
+        done: dict[str, Completion] = {}
+        while self.has_work():
+            for c in self.step():
+                done[c.request_id] = c
+        return [done[i] for i in ids]
+
+    # ---- the loop -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Completion]:
+        """One forward pass: prefill newly admitted requests, or decode every running row."""
+        room = self.max_batch - len(self._rows)
+        if self._waiting and room > 0:
+            admitted, self._waiting = self._waiting[:room], self._waiting[room:]
+            return self._prefill(admitted)
+        if self._rows:
+            return self._decode()
+        return []
+
+    def _prefill(self, seqs: list[_Sequence]) -> list[Completion]:
+        device = self.lm.device
+        length = max(len(s.prompt_ids) for s in seqs)
+        pad = self.lm.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (length - len(s.prompt_ids)) + s.prompt_ids for s in seqs], device=device)
+        mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
+                            device=device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1)
+        params = RowParams(
+            temperature=tuple(float(s.params.temperature) for s in seqs),
+            top_k=tuple(s.params.top_k for s in seqs),
+            top_p=tuple(float(s.params.top_p) for s in seqs),
+            seed=tuple(s.seed for s in seqs),
+            device=str(device),
+        )
+        cap = max(s.params.max_tokens for s in seqs)
+        stats = torch.empty(len(seqs), cap, len(FIELDS), device=device) if self.instrument else None
+        steps = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        if self._rows:
+            self._merge(seqs, out.past_key_values, mask, params, steps, stats)
+        else:
+            self._rows, self._cache, self._mask, self._params = list(seqs), out.past_key_values, mask, params
+            self._steps, self._stats = steps, stats
+        first = len(self._rows) - len(seqs)
+        return self._advance(out.logits[:, -1], slice(first, None))
+
+    def _decode(self) -> list[Completion]:
+        mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        positions = (mask.sum(dim=1, keepdim=True) - 1)
+        out = self.lm.model(input_ids=self._last[:, None], attention_mask=mask, position_ids=positions,
+                            past_key_values=self._cache, use_cache=True)
+        self._mask = mask
+        return self._advance(out.logits[:, -1], slice(None))
+
+    def _advance(self, logits: torch.Tensor, rows: slice) -> list[Completion]:
+        """Sample the rows' next tokens, record their statistics, and retire finished rows."""
+        params = self._params if rows == slice(None) else self._params.select(range(len(self._rows))[rows])
+        steps = self._steps[rows]
+        x = sanitize(logits)
+        keep_min = keep_min_logit(x, params)
+        tokens = sample(x, params, steps, keep_min)
+        if self.instrument:
+            stats = softmax_stats(logits, tokens, params, keep_min, backend=self.stats_backend)
+            batch = torch.arange(self._stats.shape[0], device=x.device)[rows]
+            self._stats[batch, steps.clamp(max=self._stats.shape[1] - 1)] = stats
+        dead = x.amax(dim=1) <= NONFINITE_FILL  # every logit non-finite: the sequence cannot go on
+        tokens = torch.where(dead, -1, tokens)
+        if rows == slice(None):
+            self._last = tokens
+        else:
+            self._last = torch.cat([self._last[: rows.start], tokens]) if rows.start else tokens
+        self._steps[rows] += 1
+
+        now = time.perf_counter()
+        finished: list[tuple[int, str]] = []
+        first = rows.start or 0
+        for i, token in enumerate(tokens.tolist(), start=first):  # the one host sync of the step
+            seq = self._rows[i]
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            reason = self._stop_reason(seq, token)
+            if reason:
+                finished.append((i, reason))
+        return self._retire(finished) if finished else []
+
+    def _stop_reason(self, seq: _Sequence, token: int) -> str | None:
+        if token < 0:
+            return "error"
+        seq.generated.append(token)
+        if token in self._eos:
+            return "stop"
+        if seq.params.stop:
+            text = self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
+            if cut >= 0:
+                seq.text = text[:cut]
+                return "stop"
+        if len(seq.generated) >= seq.params.max_tokens:
+            return "length"
+        return None
+
+    # ---- batch bookkeeping ----------------------------------------------------------------
+    def _retire(self, finished: list[tuple[int, str]]) -> list[Completion]:
+        now = time.perf_counter()
+        done = []
+        for i, reason in finished:
+            seq = self._rows[i]
+            n = len(seq.generated)
+            stats = extra = None
+            if self.instrument:
+                taken = n + (reason == "error")  # the failed step was recorded but emitted nothing
+                all_stats = self._stats[i, :taken].float().cpu()  # the one copy of this sequence
+                stats, extra = all_stats[:n], all_stats[n:]
+            summary = summarize(
+                stats,
+                extra[:, COLUMN["nonfinite"]].sum() if extra is not None else 0.0,
+                extra[:, COLUMN["overflow"]].sum() if extra is not None else 0.0,
+            )
+            text = seq.text if seq.text is not None else self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            ttft = (seq.first_token_at or now) - seq.started
+            summary.update(prompt_tokens=len(seq.prompt_ids), generated_tokens=n, finish_reason=reason,
+                           ttft_s=ttft, latency_s=now - seq.started)
+            done.append(Completion(
+                request_id=seq.request_id, text=text, token_ids=list(seq.generated),
+                prompt_tokens=len(seq.prompt_ids), finish_reason=reason, stats=stats, summary=summary,
+                regime=self.regime(seq.params), created=seq.created, ttft_s=ttft, latency_s=now - seq.started,
+            ))
+        gone = {i for i, _ in finished}
+        self._keep([i for i in range(len(self._rows)) if i not in gone])
+        return done
+
+    def _keep(self, index: list[int]) -> None:
+        """Shrink the running batch to the rows at `index`, dropping padding no row needs."""
+        if not index:
+            self._rows, self._cache, self._params = [], None, None
+            self._mask = self._last = self._steps = self._stats = None
+            return
+        idx = torch.tensor(index, device=self._mask.device)
+        self._rows = [self._rows[i] for i in index]
+        self._params = self._params.select(index)
+        self._last, self._steps = self._last[idx], self._steps[idx]
+        if self._stats is not None:
+            self._stats = self._stats[idx]
+        lengths = [len(s.prompt_ids) + len(s.generated) - 1 for s in self._rows]  # cached tokens
+        drop = self._mask.shape[1] - max(lengths)
+        self._mask = self._mask[idx, drop:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[idx, :, drop:]
+            layer.values = layer.values[idx, :, drop:]
+
+    def _merge(self, seqs, cache, mask, params, steps, stats) -> None:
+        """Append prefilled rows to the running batch, left-padding both to one cache length."""
+        length = max(self._mask.shape[1], mask.shape[1])
+        self._mask = torch.cat([_left_pad(self._mask, length), _left_pad(mask, length)])
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, length, 2), _left_pad(theirs.values, length, 2)])
+        self._rows += seqs
+        self._params = RowParams.concat([self._params, params])
+        self._steps = torch.cat([self._steps, steps])
+        if self.instrument:
+            cap = max(self._stats.shape[1], stats.shape[1])
+            self._stats = torch.cat([_right_pad(self._stats, cap), _right_pad(stats, cap)])
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _right_pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - t.shape[1]
+    return t if missing == 0 else torch.cat([t, t.new_zeros(t.shape[0], missing, t.shape[2])], dim=1)
