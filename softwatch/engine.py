@@ -45,6 +45,7 @@ class DecodingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     template_version: str = "v1"
+    ignore_eos: bool = False  # benchmarks: always run to max_tokens
 
     def validate(self) -> None:
         checks = [
@@ -329,7 +330,7 @@ class Engine:
         if token < 0:
             return "error"
         seq.generated.append(token)
-        if token in self._eos:
+        if token in self._eos and not seq.params.ignore_eos:
             return "stop"
         if seq.params.stop:
             text = self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)

@@ -105,7 +105,10 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load a causal LM by name: the embedded default, a local directory, a .gguf file or a hub id."""
+    """Load a causal LM by name: the embedded default, a local directory, a .gguf file, a hub id,
+    or `tiny-random[-SEED]` (a small random model for smoke tests)."""
+    if name == "tiny-random" or name.startswith("tiny-random-") and name[12:].isdigit():
+        return tiny_model(seed=int(name[12:] or 0), device=device, dtype=dtype)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path = Path(name).expanduser()
@@ -129,7 +132,9 @@ def load_model(
 
 def _from_pretrained(directory: Path | str, name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)

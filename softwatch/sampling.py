@@ -155,7 +155,7 @@ def _keep_min_among(
     mass_before = torch.cumsum(probs, dim=1) - probs
     k = torch.where((rows.top_k_t > 0) & (rows.top_k_t < vocab), rows.top_k_t, vocab)[:, None]
     position = torch.arange(candidates, device=x.device)[None, :]
-    kept = (mass_before < rows.top_p_t[:, None]) & (position < k)
+    kept = ((mass_before < rows.top_p_t[:, None]) | (rows.top_p_t[:, None] >= 1.0)) & (position < k)
     n_keep = kept.sum(dim=1, keepdim=True).clamp(min=1)
     keep_min = top.gather(1, n_keep - 1).squeeze(1)
     covered = (n_keep.squeeze(1) < candidates) | (k.squeeze(1) <= candidates) | (candidates == vocab)

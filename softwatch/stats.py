@@ -75,7 +75,7 @@ def softmax_stats(
     if backend == "triton":
         from .stats_kernel import triton_softmax_stats
 
-        return triton_softmax_stats(logits, tokens, rows.temperature_t, keep_min, overflow_bound)
+        return triton_softmax_stats(logits, tokens, rows.temperature_t, keep_min, overflow_bound, _pi_differs(rows))
     return torch_softmax_stats(logits, tokens, rows, keep_min, overflow_bound)
 
 
@@ -90,6 +90,11 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _pi_differs(rows: RowParams) -> bool:
+    """Host-side: does some row sample from a distribution other than q (or a point mass)?"""
+    return rows.any_filtered or any(t not in (0.0, 1.0) for t in rows.temperature)
 
 
 def _ones_where_positive(v: torch.Tensor) -> torch.Tensor:
@@ -141,7 +146,7 @@ def torch_softmax_stats(
     m = x.amax(dim=1, keepdim=True)
     x_y = x.gather(1, y)
     rank = _ones_where_positive(x - x_y).sum(dim=1)
-    d_y = (x_y - m).squeeze(1)
+    d_y = torch.where(x_y > NONFINITE_FILL, x_y - m, float("-inf")).squeeze(1)  # a non-finite y: log 0
     d = (x - m).clamp_(min=EXP_FLOOR)
     e = torch.exp(d)
     s, second = _tail(e)
@@ -152,7 +157,7 @@ def torch_softmax_stats(
     logprob = d_y - log1p_s
 
     temperature = rows.temperature_t
-    if any(t not in (0.0, 1.0) for t in rows.temperature) or rows.any_filtered:
+    if _pi_differs(rows):
         # The sampling distribution: the same reduction on z = (x - m) / T over the sampling set.
         inv_t = inverse_temperature(temperature)
         z = d.mul_(inv_t[:, None]).clamp_(min=EXP_FLOOR)  # d is spent

@@ -1,0 +1,156 @@
+"""The `softwatch` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+DEMO_PROMPT = "In three sentences, what makes a good unit test?"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="SmolLM2-135M-Instruct",
+                   help="embedded default, a Hugging Face id, a model directory or a .gguf file")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softwatch", description="Watch the softmax of a served LLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion and print its per-token statistics")
+    gen.add_argument("prompt")
+    _add_model_args(gen)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    bench = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    dec = bench_sub.add_parser("decode", help="instrumented vs plain decode vs transformers generate")
+    _add_model_args(dec)
+    dec.add_argument("--batch", type=int, default=8)
+    dec.add_argument("--new-tokens", type=int, default=64)
+    dec.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    dec.add_argument("--top-p", type=float, default=1.0)
+    dec.add_argument("--repeats", type=int, default=3)
+    dec.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="the end-to-end demo on the default model")
+    _add_model_args(demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .engine import InvalidRequest
+    from .models import ModelNotFoundError
+
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "bench":
+            return _bench_decode(args)
+        if args.command == "demo":
+            return _demo(args)
+    except (InvalidRequest, ModelNotFoundError, ValueError) as exc:
+        print(f"softwatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("softwatch: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _generate(args) -> int:
+    from .engine import DecodingParams, Engine
+
+    params = DecodingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
+    params.validate()  # before the model loads: a typo should not cost a load
+    if not args.prompt:
+        raise ValueError("prompt: must be a non-empty string")
+    lm = _load(args)
+    engine = Engine(lm, max_batch=1)
+    completion = engine.generate([args.prompt], params, chat=args.chat)[0]
+    tokens = completion.token_records(lm.tokenizer)
+    if args.json:
+        print(json.dumps({"text": completion.text, "tokens": tokens, "summary": completion.summary,
+                          "regime": completion.regime}, default=_json_number))
+        return 0
+    print(completion.text)
+    print()
+    print(_token_table(tokens))
+    print()
+    s = completion.summary
+    print(f"finish={s['finish_reason']}  tokens={s['generated_tokens']}  perplexity={s['perplexity']:.3f}  "
+          f"mean_entropy={s['mean_entropy']:.3f}  min_top_prob={s['min_top_prob']:.3f}  "
+          f"nonfinite={s['nonfinite']}  overflow={s['overflow']}  ttft={s['ttft_s']:.3f}s  latency={s['latency_s']:.3f}s")
+    r = completion.regime
+    print(f"regime: model={r['model_id']} rev={r['model_rev']} params_id={r['params_id']} "
+          f"(temperature={r['temperature']} top_p={r['top_p']} top_k={r['top_k']})")
+    return 0
+
+
+def _json_number(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _token_table(tokens: list[dict]) -> str:
+    header = f"{'pos':>4} {'id':>6} {'text':<14} {'logprob':>8} {'entropy':>8} {'top_prob':>8} {'margin':>7} {'rank':>5} {'samp_lp':>8}"
+    lines = [header, "-" * len(header)]
+    for i, t in enumerate(tokens):
+        text = json.dumps(t["text"])[1:-1][:14]
+        lines.append(f"{i:>4} {t['id']:>6} {text:<14} {t['logprob']:>8.3f} {t['entropy']:>8.3f} "
+                     f"{t['top_prob']:>8.3f} {t['margin']:>7.3f} {t['rank']:>5} {t['sampling_logprob']:>8.3f}")
+    return "\n".join(lines)
+
+
+def _bench_decode(args) -> int:
+    from . import bench
+
+    if args.batch < 1 or args.new_tokens < 1 or args.repeats < 1:
+        raise ValueError("--batch, --new-tokens and --repeats must be >= 1")
+    lm = _load(args)
+    print(f"bench decode: {lm.model_id} on {lm.device}, batch {args.batch}, {args.new_tokens} new tokens",
+          file=sys.stderr)
+    result = bench.decode(lm, batch=args.batch, new_tokens=args.new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, repeats=args.repeats, progress=bench.print_progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"device: {result['device']}  model: {result['model']}  batch {result['batch']} x {result['new_tokens']} tokens")
+    for key in ("instrumented_tok_s", "plain_tok_s", "hf_generate_tok_s", "hf_scores_tok_s"):
+        print(f"  {key:<20} {result[key]:10.1f}")
+    print(f"  {'overhead_ratio':<20} {result['overhead_ratio']:10.3f}   (instrumented time / plain time)")
+    print(f"  {'vs_hf_ratio':<20} {result['vs_hf_ratio']:10.3f}   (instrumented tok/s / HF generate tok/s)")
+    for shape in result["stats_shapes"]:
+        print(f"  stats {shape['shape']}: softwatch {shape['stats_ms']:.3f} ms, naive {shape['naive_stats_ms']:.3f} ms "
+              f"({shape['naive_over_stats']:.1f}x), one read {shape['one_read_ms']:.3f} ms")
+    return 0
+
+
+def _demo(args) -> int:
+    """Until serving and drift land: one generation on the default model with its statistics."""
+    print(f"softwatch demo: loading {args.model} (the first run converts it once, ~30 s)", file=sys.stderr)
+    args.prompt, args.temperature, args.top_p, args.top_k = DEMO_PROMPT, 0.7, 0.9, 0
+    args.max_tokens, args.seed, args.stop, args.chat, args.json = 48, 0, [], True, False
+    return _generate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

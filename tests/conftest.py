@@ -1,0 +1,22 @@
+import os
+
+# Nothing may be fetched at test time: an unknown hub id must fail at once, not after retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (converted once into the user's cache)."""
+    from softwatch.models import load_model
+
+    return load_model("SmolLM2-135M-Instruct", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from softwatch.models import tiny_model
+
+    return tiny_model(seed=0, logit_scale=30.0)

@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+from softwatch.engine import DecodingParams, Engine, InvalidRequest
+from softwatch.models import tiny_model
+from softwatch.stats import COLUMN
+
+GREEDY = DecodingParams(temperature=0, max_tokens=12, ignore_eos=True)
+PROMPTS = ["a", "hello there, general", "the quick brown fox jumps over", "xyz"]
+
+
+def run_to_end(engine, requests):
+    done = {}
+    for rid, (prompt, params) in requests.items():
+        engine.submit(prompt, params, request_id=rid)
+    while engine.has_work():
+        for c in engine.step():
+            done[c.request_id] = c
+    return done
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny):
+    alone = [Engine(tiny, max_batch=1).generate([p], GREEDY)[0] for p in PROMPTS]
+    together = Engine(tiny).generate(PROMPTS, GREEDY)
+    for a, b in zip(alone, together):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(a.stats, b.stats, rtol=1e-4, atol=1e-4)
+
+
+def test_requests_join_and_leave_between_steps(tiny):
+    engine = Engine(tiny)
+    reference = {p: Engine(tiny, max_batch=1).generate([p], GREEDY)[0].token_ids for p in PROMPTS}
+    engine.submit(PROMPTS[0], GREEDY, request_id="first")
+    short = DecodingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.submit(PROMPTS[3], short, request_id="short")
+    done = {}
+    for i in range(40):
+        if i == 4:
+            engine.submit(PROMPTS[2], GREEDY, request_id="late")  # joins while others decode
+        if i == 6:
+            engine.submit(PROMPTS[1], GREEDY, request_id="later")
+        for c in engine.step():
+            done[c.request_id] = c
+        if not engine.has_work():
+            break
+    assert done["first"].token_ids == reference[PROMPTS[0]]
+    assert done["late"].token_ids == reference[PROMPTS[2]]
+    assert done["later"].token_ids == reference[PROMPTS[1]]
+    assert done["short"].token_ids == reference[PROMPTS[3]][:3]
+    assert done["short"].finish_reason == "length"
+
+
+def test_completion_carries_stats_summary_and_regime(tiny):
+    params = DecodingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=10, seed=3, ignore_eos=True)
+    c = Engine(tiny).generate(["hello"], params)[0]
+    assert c.stats.shape == (10, 10) and len(c.token_ids) == 10
+    logprob = c.stats[:, COLUMN["logprob"]].double()
+    assert c.summary["perplexity"] == pytest.approx(torch.exp(-logprob.mean()).item(), rel=1e-6)
+    assert c.summary["generated_tokens"] == 10 and c.summary["prompt_tokens"] == 5
+    assert c.summary["max_entropy"] >= c.summary["mean_entropy"] > 0
+    assert 0 < c.summary["ttft_s"] <= c.summary["latency_s"]
+    assert c.regime == {"model_id": tiny.model_id, "model_rev": tiny.model_rev, "params_id": params.params_id,
+                        "temperature": 0.8, "top_p": 0.9, "top_k": 20, "template_version": "v1"}
+    records = c.token_records(tiny.tokenizer)
+    assert [r["id"] for r in records] == c.token_ids and isinstance(records[0]["rank"], int)
+
+
+def test_params_id_names_the_regime_not_the_request():
+    a = DecodingParams(temperature=0.7, max_tokens=5, seed=1)
+    assert a.params_id == DecodingParams(temperature=0.7, max_tokens=99, seed=2, stop=("x",)).params_id
+    assert a.params_id != DecodingParams(temperature=0.8).params_id
+    assert a.params_id != DecodingParams(temperature=0.7, template_version="v2").params_id
+    # greedy ignores the filters it never uses
+    assert DecodingParams(temperature=0, top_p=0.5).params_id == DecodingParams(temperature=0, top_k=9).params_id
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
+    params = DecodingParams(temperature=1.0, top_p=0.95, max_tokens=8, seed=42, ignore_eos=True)
+    a = Engine(tiny).generate(PROMPTS, params)
+    b = Engine(tiny).generate(PROMPTS[::-1], params)[::-1]
+    c = Engine(tiny, max_batch=1).generate(PROMPTS[1:2], params)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert a[1].token_ids == c[0].token_ids
+
+
+def test_stop_strings_eos_and_max_tokens():
+    lm = tiny_model(seed=0, logit_scale=30.0)
+    eos = lm.tokenizer.eos_token_id
+    engine = Engine(lm)
+    free = engine.generate(["hello"], DecodingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    text = free.text
+    assert free.finish_reason == "length" and len(free.token_ids) == 20
+    stop_at = text[3:5]
+    cut = engine.generate(["hello"], DecodingParams(temperature=0, max_tokens=20, stop=(stop_at,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == text[: text.find(stop_at)]
+    with torch.no_grad():
+        lm.model.lm_head.weight[eos] = lm.model.lm_head.weight.abs().max() * 50
+    stopped = engine.generate(["hello"], DecodingParams(temperature=0, max_tokens=20))[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == [eos] and stopped.text == ""
+
+
+def test_nonfinite_logits_are_counted_and_a_dead_row_ends_with_error():
+    lm = tiny_model(seed=0)
+    tilde = lm.tokenizer("~")["input_ids"][0]
+    with torch.no_grad():
+        lm.model.model.embed_tokens.weight[tilde] = float("nan")  # any prompt with '~' yields NaN logits
+        lm.model.lm_head.weight[100] = float("inf")  # one logit overflows to +-inf (or NaN) every step
+    engine = Engine(lm)
+    params = DecodingParams(temperature=0.7, max_tokens=6, ignore_eos=True, seed=0)
+    good, bad = engine.generate(["hello", "he~llo"], params)
+    assert bad.finish_reason == "error" and bad.token_ids == [] and bad.summary["nonfinite"] == lm.vocab_size
+    assert good.finish_reason == "length" and len(good.token_ids) == 6
+    assert good.summary["nonfinite"] == 6 and torch.isfinite(good.stats[:, COLUMN["entropy"]]).all()
+    assert 100 not in good.token_ids
+
+
+@pytest.mark.parametrize("params,field", [
+    (DecodingParams(temperature=-0.1), "temperature"),
+    (DecodingParams(temperature=float("nan")), "temperature"),
+    (DecodingParams(top_p=0.0), "top_p"),
+    (DecodingParams(top_p=1.5), "top_p"),
+    (DecodingParams(top_k=-1), "top_k"),
+    (DecodingParams(max_tokens=0), "max_tokens"),
+    (DecodingParams(max_tokens=10_000), "max_tokens"),
+    (DecodingParams(stop=("",)), "stop"),
+])
+def test_bad_parameters_are_refused_naming_the_field(tiny, params, field):
+    with pytest.raises(InvalidRequest) as err:
+        Engine(tiny).submit("hello", params)
+    assert err.value.field == field
+
+
+def test_bad_prompts_are_refused(tiny):
+    engine = Engine(tiny)
+    for prompt, field in [("", "prompt"), ([], "messages"), ("x" * 600, "prompt")]:
+        with pytest.raises(InvalidRequest) as err:
+            engine.submit(prompt, DecodingParams(max_tokens=1))
+        assert err.value.field == field
+    assert not engine.has_work()
+
+
+def test_chat_prompts_use_the_chat_template(tiny):
+    engine = Engine(tiny)
+    ids = engine.encode([{"role": "user", "content": "hi"}])
+    assert tiny.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert engine.encode("hi", chat=True) == ids
+
+
+def test_smollm2_greedy_equals_transformers_generate(smollm2):
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away, there lived a"]
+    params = DecodingParams(temperature=0, max_tokens=32)
+    completions = Engine(smollm2).generate(prompts, params)
+    tok = smollm2.tokenizer
+    for prompt, c in zip(prompts, completions):
+        inputs = tok(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = smollm2.model.generate(**inputs, max_new_tokens=32, do_sample=False)
+        assert c.token_ids == out[0, inputs["input_ids"].shape[1]:].tolist()[: len(c.token_ids)]
+        # logprob equals a teacher-forced forward pass over the same text
+        full = torch.tensor([inputs["input_ids"][0].tolist() + c.token_ids])
+        with torch.inference_mode():
+            log_q = smollm2.model(full).logits[0].double().log_softmax(-1)
+        n = inputs["input_ids"].shape[1]
+        forced = torch.stack([log_q[n - 1 + i, t] for i, t in enumerate(c.token_ids)])
+        assert (forced - c.stats[:, COLUMN["logprob"]].double()).abs().max() < 1e-3
