@@ -201,12 +201,15 @@ def sample(
 
     `step` [B] is each row's count of tokens generated so far: with the seed it keys the noise.
     """
-    greedy = x.argmax(dim=1)
     if not rows.any_sampled:
-        return greedy
+        return x.argmax(dim=1)
     if keep_min is None:
         keep_min = keep_min_logit(x, rows)
     gumbel = -torch.log(-torch.log(uniform_noise(rows.seed_t, step, x.shape[1])))
     race = (x * inverse_temperature(rows.temperature_t)[:, None]).add_(gumbel)
-    race.masked_fill_(x < keep_min[:, None], float("-inf"))
-    return torch.where(rows.temperature_t > 0, race.argmax(dim=1), greedy)
+    if rows.any_filtered:
+        race.masked_fill_(x < keep_min[:, None], float("-inf"))
+    drawn = race.argmax(dim=1)
+    if all(t > 0 for t in rows.temperature):
+        return drawn
+    return torch.where(rows.temperature_t > 0, drawn, x.argmax(dim=1))
