@@ -14,7 +14,7 @@ import torch
 import triton.testing
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from softwatch.bench import naive_stats
+from softwatch.bench.decode import naive_stats
 from softwatch.engine import DecodingParams, Engine
 from softwatch.models import LoadedModel, byte_tokenizer, model_rev, weights_digest
 from softwatch.sampling import RowParams, keep_min_logit, sample, sanitize

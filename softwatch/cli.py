@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 DEMO_PROMPT = "In three sentences, what makes a good unit test?"
@@ -15,6 +16,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="embedded default, a Hugging Face id, a model directory or a .gguf file")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+
+
+def _add_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="dataset root: a path or a pyarrow.fs URI "
+                   "(default: $SOFTWATCH_DATA or ./softwatch-data)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--data", default=None, help="also write its token and sequence records to this dataset root")
+    gen.add_argument("--store-text", action="store_true", help="store prompt and completion text with the records")
 
     bench = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -44,6 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--repeats", type=int, default=3)
     dec.add_argument("--json", action="store_true")
 
+    store = bench_sub.add_parser("store", help="Parquet write throughput and a summary query over the rows")
+    store.add_argument("--rows", type=int, default=10_000_000)
+    store.add_argument("--data", default=None, help="dataset root to write (default: a new temporary directory)")
+    store.add_argument("--json", action="store_true")
+    tel = bench_sub.add_parser("telemetry", help="cost of recording a sequence (metrics, records) vs decoding it")
+    _add_model_args(tel)
+    tel.add_argument("--batch", type=int, default=8)
+    tel.add_argument("--new-tokens", type=int, default=64)
+    tel.add_argument("--json", action="store_true")
+
+    sql = sub.add_parser("sql", help="run SQL over the tokens, sequences and drift_reports views")
+    sql.add_argument("query")
+    _add_data_arg(sql)
+    fmt = sql.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON object per row")
+    fmt.add_argument("--csv", action="store_true")
+
+    compact = sub.add_parser("compact", help="merge each partition's small Parquet files into large ones")
+    _add_data_arg(compact)
+
     demo = sub.add_parser("demo", help="the end-to-end demo on the default model")
     _add_model_args(demo)
     return parser
@@ -51,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import duckdb
+
     from .engine import InvalidRequest
     from .models import ModelNotFoundError
 
@@ -58,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
         if args.command == "bench":
-            return _bench_decode(args)
+            return {"decode": _bench_decode, "store": _bench_store, "telemetry": _bench_telemetry}[args.bench](args)
+        if args.command == "sql":
+            return _sql(args)
+        if args.command == "compact":
+            return _compact(args)
         if args.command == "demo":
             return _demo(args)
-    except (InvalidRequest, ModelNotFoundError, ValueError) as exc:
+    except (InvalidRequest, ModelNotFoundError, ValueError, duckdb.Error) as exc:
         print(f"softwatch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -87,6 +121,12 @@ def _generate(args) -> int:
     lm = _load(args)
     engine = Engine(lm, max_batch=1)
     completion = engine.generate([args.prompt], params, chat=args.chat)[0]
+    if args.data:
+        from .records import RecordContext
+        from .store import ParquetSink
+
+        with ParquetSink(args.data) as sink:
+            sink.write_completion(completion, RecordContext(deployment="cli", replica=f"cli-{os.getpid()}", store_text=args.store_text), args.prompt)
     tokens = completion.token_records(lm.tokenizer)
     if args.json:
         print(json.dumps({"text": completion.text, "tokens": tokens, "summary": completion.summary,
@@ -141,6 +181,104 @@ def _bench_decode(args) -> int:
     for shape in result["stats_shapes"]:
         print(f"  stats {shape['shape']}: softwatch {shape['stats_ms']:.3f} ms, naive {shape['naive_stats_ms']:.3f} ms "
               f"({shape['naive_over_stats']:.1f}x), one read {shape['one_read_ms']:.3f} ms")
+    return 0
+
+
+def _bench_store(args) -> int:
+    from . import bench
+    from .bench.store import store
+
+    if args.rows < 1:
+        raise ValueError("--rows must be >= 1")
+    result = store(args.rows, args.data, progress=bench.print_progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"rows {result['rows']:,} in {result['sequences']:,} sequences, written to {result['root']}")
+    print(f"  {'write_rows_per_s':<18} {result['write_rows_per_s']:14,.0f}")
+    print(f"  {'query_s':<18} {result['query_s']:14.3f}   (per-regime, per-hour counts, means and quantiles; "
+          f"{result['query_groups']} groups)")
+    return 0
+
+
+def _bench_telemetry(args) -> int:
+    from . import bench
+    from .bench.telemetry import telemetry
+
+    if args.batch < 1 or args.new_tokens < 1:
+        raise ValueError("--batch and --new-tokens must be >= 1")
+    result = telemetry(_load(args), args.batch, args.new_tokens, progress=bench.print_progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"device: {result['device']}  model: {result['model']}  batch {result['batch']} x {result['new_tokens']} tokens")
+    print(f"  {'decode_ms_per_sequence':<26} {result['decode_ms_per_sequence']:10.1f}")
+    print(f"  {'telemetry_us_per_sequence':<26} {result['telemetry_us_per_sequence']:10.1f}   "
+          f"({100 * result['telemetry_fraction']:.4f}% of decode)")
+    print(f"  {'sink_add_us_per_sequence':<26} {result['sink_add_us_per_sequence']:10.1f}   (on the decode loop)")
+    print(f"  {'records_us_per_sequence':<26} {result['records_us_per_sequence']:10.1f}   "
+          f"({100 * result['records_fraction']:.4f}% of decode, on the sink's thread)")
+    return 0
+
+
+def _sql(args) -> int:
+    from .store import Store
+
+    store = Store(args.data)
+    table = store.query(args.query)
+    if args.csv:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, sys.stdout.buffer)
+    elif args.json:
+        for row in table.to_pylist():
+            print(json.dumps(row, default=_json_value))
+    else:
+        print(format_table(table))
+    return 0
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+
+def format_table(table, max_rows: int = 100) -> str:
+    """A plain-text table of an Arrow table's first `max_rows` rows."""
+    names = table.column_names
+    rows = [[_cell(v) for v in row.values()] for row in table.slice(0, max_rows).to_pylist()]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    if table.num_rows > max_rows:
+        lines.append(f"... {table.num_rows - max_rows} more rows ({table.num_rows} in all)")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _compact(args) -> int:
+    from .store import compact, default_root
+
+    root = args.data or default_root()
+    result = compact(root, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    print(f"compacted {root}: {result.partitions} partitions, {result.files_before} files -> {result.files_after}, "
+          f"{result.rows_moved:,} rows rewritten, {result.stale_removed} stale temporary files removed")
     return 0
 
 

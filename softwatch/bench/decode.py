@@ -4,15 +4,14 @@ by side in one run on the same model, prompts and lengths; and the statistics pa
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import torch
 
-from .engine import DecodingParams, Engine, keep_freed_memory
-from .models import LoadedModel
-from .sampling import RowParams, keep_min_logit, sanitize
-from .stats import OVERFLOW_BOUND, softmax_stats
+from ..engine import DecodingParams, Engine, keep_freed_memory
+from ..models import LoadedModel
+from ..sampling import RowParams, keep_min_logit, sanitize
+from ..stats import OVERFLOW_BOUND, softmax_stats
 
 BENCH_PROMPTS = [
     "Explain in two sentences why the sky is blue.",
@@ -168,7 +167,3 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
-
-
-def print_progress(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,282 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from softwatch.engine import DecodingParams, Engine
+from softwatch.records import (DRIFT_REPORTS, REGIME_COLUMNS, SEQUENCES, TOKENS, RecordContext, keeps_tokens,
+                               token_table)
+from softwatch.stats import FIELDS
+from softwatch.store import ParquetSink, Store, compact
+
+WRITER = str(Path(__file__).with_name("record_writer.py"))
+
+
+@pytest.fixture(scope="module")
+def completions(tiny):
+    engine = Engine(tiny, max_batch=4)
+    greedy = engine.generate(["hello there", "abc"], DecodingParams(temperature=0, max_tokens=12))
+    sampled = engine.generate(["one", "two", "three"], DecodingParams(temperature=0.8, top_p=0.9, max_tokens=9, seed=3))
+    return greedy + sampled
+
+
+def count(store: Store, sql: str):
+    return store.query(sql).column(0)[0].as_py()
+
+
+def test_token_rows_carry_every_field_and_the_regime(completions):
+    context = RecordContext(deployment="d", replica="r7")
+    table = token_table([(c, context) for c in completions])
+    assert table.schema == TOKENS
+    assert table.num_rows == sum(len(c.token_ids) for c in completions)
+    offset = 0
+    for c in completions:
+        rows = table.slice(offset, len(c.token_ids)).to_pylist()
+        offset += len(c.token_ids)
+        assert [r["position"] for r in rows] == list(range(len(c.token_ids)))
+        assert [r["token_id"] for r in rows] == c.token_ids
+        assert {r["request_id"] for r in rows} == {c.request_id}
+        for i, name in enumerate(FIELDS):
+            np.testing.assert_array_equal(np.array([r[name] for r in rows], np.float32), c.stats[:, i].numpy())
+        for r in rows:
+            assert r["params_id"] == c.regime["params_id"] and r["model_rev"] == c.regime["model_rev"]
+            assert r["temperature"] == c.regime["temperature"] and r["replica"] == "r7" and r["deployment"] == "d"
+
+
+def test_text_is_stored_only_when_enabled(tmp_path, completions):
+    with ParquetSink(str(tmp_path)) as sink:
+        sink.write_completion(completions[0], RecordContext(), prompt="hello there")
+        sink.write_completion(completions[1], RecordContext(store_text=True), prompt="abc")
+    rows = Store(str(tmp_path)).rows("SELECT request_id, prompt, text FROM sequences ORDER BY request_id")
+    assert rows[0]["prompt"] is None and rows[0]["text"] is None
+    assert rows[1]["prompt"] == "abc" and rows[1]["text"] == completions[1].text
+
+
+def test_token_count_matches_sequences_and_every_row_has_its_regime(tmp_path, completions):
+    with ParquetSink(str(tmp_path), flush_rows=7) as sink:  # many small files
+        for c in completions:
+            sink.write_completion(c, RecordContext(replica="a"))
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM tokens") == count(store, "SELECT sum(generated_tokens) FROM sequences") \
+        == sum(len(c.token_ids) for c in completions)
+    for column in REGIME_COLUMNS:
+        assert count(store, f"SELECT count(*) FROM tokens WHERE {column} IS NULL") == 0
+        assert count(store, f"SELECT count(*) FROM sequences WHERE {column} IS NULL") == 0
+    assert count(store, "SELECT count(DISTINCT params_id) FROM sequences") == 2
+    by_request = store.rows("SELECT s.request_id, s.generated_tokens AS g, count(t.position) AS n FROM sequences s "
+                            "LEFT JOIN tokens t USING (request_id) GROUP BY ALL")
+    assert all(r["g"] == r["n"] for r in by_request)
+    summary = store.rows("SELECT request_id, perplexity FROM sequences")
+    expected = {c.request_id: c.summary["perplexity"] for c in completions}
+    assert all(r["perplexity"] == pytest.approx(expected[r["request_id"]]) for r in summary)
+
+
+def test_generate_cli_runs_add_up(tmp_path):
+    root = str(tmp_path / "data")
+    for extra in (["--temperature", "0"], ["--temperature", "0.9", "--top-k", "20", "--seed", "4"]):
+        r = subprocess.run([sys.executable, "-m", "softwatch.cli", "generate", "hi", "--model", "tiny-random",
+                            "--max-tokens", "6", "--data", root, *extra], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "softwatch.cli", "sql", "--data", root, "--json",
+                        "SELECT (SELECT count(*) FROM tokens) AS t, (SELECT sum(generated_tokens)::BIGINT FROM sequences) "
+                        "AS g, (SELECT count(DISTINCT params_id) FROM tokens) AS p"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["t"] == out["g"] and 2 <= out["t"] <= 12 and out["p"] == 2
+
+
+def test_empty_root_has_empty_views(tmp_path):
+    store = Store(str(tmp_path / "nothing-yet"))
+    for table, schema in (("tokens", TOKENS), ("sequences", SEQUENCES), ("drift_reports", DRIFT_REPORTS)):
+        result = store.query(f"SELECT * FROM {table}")
+        assert result.num_rows == 0 and result.column_names == schema.names + ["dt"]
+
+
+def test_new_files_are_seen_by_the_next_query(tmp_path, completions):
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM sequences") == 0
+    with ParquetSink(str(tmp_path)) as sink:
+        sink.write_completion(completions[0], RecordContext())
+    assert count(store, "SELECT count(*) FROM sequences") == 1
+    with ParquetSink(str(tmp_path)) as sink:
+        sink.write_completion(completions[1], RecordContext())
+    assert count(store, "SELECT count(*) FROM sequences") == 2
+
+
+def test_uri_roots_read_through_pyarrow_datasets(tmp_path, completions):
+    uri = f"file://{tmp_path}"
+    with ParquetSink(uri) as sink:
+        for c in completions:
+            sink.write_completion(c, RecordContext())
+    store = Store(uri)
+    assert count(store, "SELECT count(*) FROM tokens WHERE dt >= DATE '2000-01-01'") == sum(len(c.token_ids) for c in completions)
+    assert count(store, "SELECT count(*) FROM tokens WHERE dt < DATE '2000-01-01'") == 0
+    assert count(store, "SELECT count(*) FROM drift_reports") == 0
+
+
+def test_partitions_by_day_and_prunes(tmp_path, completions):
+    c = completions[0]
+    old = type(c)(**{**c.__dict__, "request_id": "old", "created": time.time() - 3 * 86400})
+    with ParquetSink(str(tmp_path)) as sink:
+        sink.write_completion(c, RecordContext())
+        sink.write_completion(old, RecordContext())
+    days = sorted(p.name for p in (tmp_path / "tokens").iterdir())
+    assert len(days) == 2 and all(d.startswith("dt=") for d in days)
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM tokens WHERE dt = current_date - 3") == len(old.token_ids)
+    # A corrupt file in another day's partition is never opened when the query filters on dt.
+    (tmp_path / "tokens" / "dt=2999-01-01").mkdir()
+    (tmp_path / "tokens" / "dt=2999-01-01" / "part-x-000000.parquet").write_bytes(b"not parquet")
+    assert count(store, "SELECT count(*) FROM tokens WHERE dt BETWEEN current_date - 3 AND current_date") == \
+        len(old.token_ids) + len(c.token_ids)
+    with pytest.raises(Exception):
+        store.query("SELECT count(*) FROM tokens")
+
+
+def test_token_sample_rate_keeps_whole_requests(tmp_path):
+    from softwatch.bench.store import synthetic_completions
+
+    batch = synthetic_completions(400, hours=0.1)
+    with ParquetSink(str(tmp_path), token_sample_rate=0.25) as sink:
+        for c in batch:
+            sink.write_completion(c, RecordContext())
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM sequences") == 400
+    kept = count(store, "SELECT count(*) FROM sequences WHERE tokens_kept")
+    assert 60 <= kept <= 140
+    assert kept == sum(keeps_tokens(c.request_id, 0.25) for c in batch)
+    assert count(store, "SELECT count(*) FROM tokens") == count(
+        store, "SELECT sum(generated_tokens) FROM sequences WHERE tokens_kept")
+
+
+def test_flushes_by_age(tmp_path, completions):
+    sink = ParquetSink(str(tmp_path), flush_interval_s=0.2)
+    sink.write_completion(completions[0], RecordContext())
+    store = Store(str(tmp_path))
+    deadline = time.time() + 10
+    while count(store, "SELECT count(*) FROM sequences") == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert count(store, "SELECT count(*) FROM sequences") == 1
+    sink.close()
+
+
+def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path, completions):
+    sink = ParquetSink(str(tmp_path), flush_interval_s=3600)
+    sink.write_completion(completions[0], RecordContext())
+    blocker = tmp_path / "tokens"
+    blocker.write_text("a file where the tokens directory should be")
+    with pytest.raises(OSError):
+        sink.flush()
+    blocker.unlink()
+    sink.close()
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM tokens") == len(completions[0].token_ids)
+    assert count(store, "SELECT count(*) FROM sequences") == 1
+
+
+def test_drift_reports_table_takes_rows(tmp_path):
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    with ParquetSink(str(tmp_path)) as sink:
+        sink.write_row("drift_reports", {"report_id": "r1", "ts": now, "metric": "mean_entropy", "verdict": "drift"})
+        with pytest.raises(ValueError, match="unknown table"):
+            sink.write_row("nope", {})
+    assert Store(str(tmp_path)).rows("SELECT report_id, verdict FROM drift_reports") == [
+        {"report_id": "r1", "verdict": "drift"}]
+
+
+def test_sigterm_loses_nothing(tmp_path):
+    proc = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "hold", "300"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    assert not (tmp_path / "tokens").exists()  # all of it is still in the buffer
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM sequences") == 300
+    assert count(store, "SELECT count(*) FROM tokens") == 300 * 256
+
+
+def test_sigkill_mid_write_leaves_a_readable_dataset(tmp_path):
+    proc = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "forever", "200"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("tokens/*/*.parquet"))) < 5 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.137)
+    proc.kill()
+    proc.wait()
+    store = Store(str(tmp_path))
+    tokens = count(store, "SELECT count(*) FROM tokens")
+    assert tokens > 0 and tokens % 256 == 0  # only whole files, so whole sequences
+    assert count(store, "SELECT count(*) FROM tokens WHERE entropy IS NULL") == 0
+    for leftover in tmp_path.glob("*/*/.*.tmp"):
+        os.utime(leftover, (0, 0))  # age any half-written file past the staleness limit
+    result = compact(str(tmp_path))
+    assert not list(tmp_path.glob("*/*/.*.tmp"))
+    assert result.files_after < result.files_before
+    assert count(store, "SELECT count(*) FROM tokens") == tokens
+
+
+def test_two_writers_lose_nothing_and_collide_on_no_name(tmp_path):
+    procs = [subprocess.Popen([sys.executable, WRITER, str(tmp_path), "stream", "300"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    written = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert written == [["76800", "300"], ["76800", "300"]]
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM tokens") == 2 * 76800
+    assert count(store, "SELECT count(DISTINCT request_id) FROM sequences") == 600
+
+
+def test_two_writers_with_default_ids_never_share_a_file_name(tmp_path):
+    procs = [subprocess.Popen([sys.executable, WRITER, str(tmp_path), "stream", "200"], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=300)
+    names = [f.name for f in tmp_path.glob("*/*/*.parquet")]
+    writers = {n.split("-", 1)[1].rsplit("-", 1)[0] for n in names}
+    assert len(writers) == 2 and len(names) == len(set(names))
+    assert count(Store(str(tmp_path)), "SELECT count(*) FROM sequences") == 400
+
+
+def test_compaction_while_writing_loses_and_duplicates_nothing(tmp_path):
+    writer = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "stream", "600"], stdout=subprocess.PIPE, text=True)
+    runs = 0
+    while writer.poll() is None:
+        compact(str(tmp_path), target_bytes=64 << 20)
+        runs += 1
+    compact(str(tmp_path), target_bytes=64 << 20)
+    assert writer.returncode == 0 and runs >= 2
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM tokens") == 600 * 256
+    assert count(store, "SELECT count(*) FROM (SELECT DISTINCT request_id, position FROM tokens)") == 600 * 256
+    assert count(store, "SELECT count(*) FROM sequences") == 600
+    files = list(tmp_path.glob("tokens/*/*.parquet"))
+    assert len(files) <= 2  # merged (one per day partition touched)
+
+
+def test_an_interrupted_compaction_is_finished_by_the_next(tmp_path, completions):
+    with ParquetSink(str(tmp_path), flush_rows=5) as sink:
+        for c in completions:
+            sink.write_completion(c, RecordContext())
+    partition = next((tmp_path / "tokens").iterdir())
+    inputs = sorted(str(p) for p in partition.glob("*.parquet"))
+    # What a compaction killed between publishing its output and deleting its inputs leaves:
+    import json
+
+    import pyarrow.parquet as pq
+
+    merged = pa.concat_tables([pq.read_table(p) for p in inputs])
+    pq.write_table(merged, partition / "compact-killed.parquet")
+    (partition / "_compact-killed.parquet.json").write_text(
+        json.dumps({"output": str(partition / "compact-killed.parquet"), "inputs": inputs}))
+    compact(str(tmp_path))
+    assert count(Store(str(tmp_path)), "SELECT count(*) FROM tokens") == sum(len(c.token_ids) for c in completions)
