@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/softwatch demo
 
 test: $(STAMP)
+	.ci/install-prometheus
 	$(PY) -m pytest -q
 
 clean:

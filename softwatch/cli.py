@@ -162,13 +162,14 @@ def _token_table(tokens: list[dict]) -> str:
 
 def _bench_decode(args) -> int:
     from . import bench
+    from .bench.decode import decode
 
     if args.batch < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise ValueError("--batch, --new-tokens and --repeats must be >= 1")
     lm = _load(args)
     print(f"bench decode: {lm.model_id} on {lm.device}, batch {args.batch}, {args.new_tokens} new tokens",
           file=sys.stderr)
-    result = bench.decode(lm, batch=args.batch, new_tokens=args.new_tokens, temperature=args.temperature,
+    result = decode(lm, batch=args.batch, new_tokens=args.new_tokens, temperature=args.temperature,
                           top_p=args.top_p, repeats=args.repeats, progress=bench.print_progress)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -3,6 +3,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from softwatch.stats import FIELDS
 
 
@@ -59,3 +61,39 @@ def test_bench_decode_reports_every_figure():
         assert key in out
     assert all(out[k] > 0 for k in ["instrumented_tok_s", "plain_tok_s", "stats_ms", "one_read_ms"])
     assert [s["shape"] for s in out["stats_shapes"]] == [[32, 259], [64, 128256]]
+
+
+def test_bench_store_reports_its_keys(tmp_path):
+    r = softwatch("bench", "store", "--rows", "20000", "--data", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["rows"] == 20000 // 256 * 256 and out["write_rows_per_s"] > 0 and out["query_s"] > 0
+    assert out["query_groups"] >= 4  # every regime appears
+
+
+def test_bench_telemetry_reports_fractions():
+    r = softwatch("bench", "telemetry", "--model", "tiny-random", "--batch", "2", "--new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert 0 < out["telemetry_fraction"] and 0 < out["records_fraction"]
+    assert out["telemetry_us_per_sequence"] == pytest.approx(out["telemetry_fraction"] * out["decode_ms_per_sequence"] * 1e3)
+
+
+def test_sql_formats_and_errors(tmp_path):
+    r = softwatch("generate", "hi", "--model", "tiny-random", "--max-tokens", "3", "--data", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    table = softwatch("sql", "--data", str(tmp_path), "SELECT finish_reason, generated_tokens FROM sequences")
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split() == ["finish_reason", "generated_tokens"]
+    csv = softwatch("sql", "--data", str(tmp_path), "--csv", "SELECT count(*) AS n FROM tokens")
+    assert csv.stdout.splitlines()[0] == '"n"' and int(csv.stdout.splitlines()[1]) >= 1
+    bad = softwatch("sql", "--data", str(tmp_path), "SELECT nope FROM tokens")
+    assert bad.returncode == 2 and bad.stderr.startswith("softwatch: error:") and "Traceback" not in bad.stderr
+
+
+def test_compact_prints_a_summary(tmp_path):
+    for _ in range(2):
+        assert softwatch("generate", "hi", "--model", "tiny-random", "--max-tokens", "3", "--data",
+                         str(tmp_path)).returncode == 0
+    r = softwatch("compact", "--data", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "4 files -> 2" in r.stdout

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from reference import reference_stats
+from .reference import reference_stats
 from softwatch.sampling import RowParams, keep_min_logit, sample, sanitize
 from softwatch.stats import COLUMN, FIELDS, softmax_stats, triton_available
 
