@@ -195,7 +195,8 @@ def _bench_store(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"rows {result['rows']:,} in {result['sequences']:,} sequences, written to {result['root']}")
+    where = f"written to {result['root']}" if result["root"] else "written to a temporary directory, now removed"
+    print(f"rows {result['rows']:,} in {result['sequences']:,} sequences, {where}")
     print(f"  {'write_rows_per_s':<18} {result['write_rows_per_s']:14,.0f}")
     print(f"  {'query_s':<18} {result['query_s']:14.3f}   (per-regime, per-hour counts, means and quantiles; "
           f"{result['query_groups']} groups)")

@@ -63,7 +63,8 @@ def store(rows: int, data: str | None = None, progress: Callable[[str], None] | 
     sequences = max(1, rows // SEQUENCE_TOKENS)
     say(f"building {sequences} synthetic sequences of {SEQUENCE_TOKENS} tokens")
     completions = synthetic_completions(sequences)
-    root = data or tempfile.mkdtemp(prefix="softwatch-bench-store-")
+    scratch = None if data else tempfile.TemporaryDirectory(prefix="softwatch-bench-store-")
+    root = data or scratch.name
     context = RecordContext(deployment="bench", replica="bench-0")
     say(f"writing {sequences * SEQUENCE_TOKENS:,} token rows to {root}")
     started = time.perf_counter()
@@ -84,6 +85,8 @@ def store(rows: int, data: str | None = None, progress: Callable[[str], None] | 
         groups = db.query(SUMMARY_QUERY).num_rows
         times.append(time.perf_counter() - t)
     db.close()
+    if scratch is not None:
+        scratch.cleanup()
     return {
         "rows": written,
         "sequences": sequences,
@@ -91,5 +94,5 @@ def store(rows: int, data: str | None = None, progress: Callable[[str], None] | 
         "write_rows_per_s": written / write_s,
         "query_s": float(np.median(times)),
         "query_groups": groups,
-        "root": root,
+        "root": data,  # None: a temporary directory, removed
     }
