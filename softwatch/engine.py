@@ -18,6 +18,7 @@ import math
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,17 @@ class InvalidRequest(ValueError):
         self.message = message
 
 
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """log q of an emitted token and, when asked for, of the most likely tokens of its step."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log q), most likely first
+
+
 @dataclass(frozen=True)
 class DecodingParams:
     temperature: float = 1.0
@@ -46,6 +58,8 @@ class DecodingParams:
     seed: int | None = None
     template_version: str = "v1"
     ignore_eos: bool = False  # benchmarks: always run to max_tokens
+    logprobs: bool = False  # report log q of each emitted token as it is generated
+    top_logprobs: int = 0  # and of the n most likely tokens at each step (implies logprobs)
 
     def validate(self) -> None:
         checks = [
@@ -56,6 +70,8 @@ class DecodingParams:
             ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
             ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, ok, message in checks:
             if not ok:
@@ -92,6 +108,7 @@ class Completion:
     created: float  # wall-clock time of submission
     ttft_s: float
     latency_s: float
+    logprobs: list[TokenLogprobs] | None = None  # when the request asked for them
 
     def token_records(self, tokenizer) -> list[dict]:
         """[{"id", "text", <every token field>}] for each generated token."""
@@ -144,6 +161,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     text: str | None = None  # set when a stop string cut it
+    on_token: Callable[[int, TokenLogprobs | None], None] | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 def keep_freed_memory() -> None:
@@ -207,8 +226,11 @@ class Engine:
         params: DecodingParams = DecodingParams(),
         chat: bool = False,
         request_id: str | None = None,
+        on_token: Callable[[int, TokenLogprobs | None], None] | None = None,
     ) -> str:
-        """Queue a request; it joins the running batch at the next step. Returns its id."""
+        """Queue a request; it joins the running batch at the next step. Returns its id.
+        `on_token(token_id, logprobs)` is called for each token as it is emitted (streaming);
+        `logprobs` is None unless the request asked for them."""
         params.validate()
         ids = self.encode(prompt, chat)
         context = self.lm.context_length
@@ -223,8 +245,22 @@ class Engine:
             )
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self._waiting.append(_Sequence(rid, ids, params, seed, time.time(), time.perf_counter()))
+        wants_logprobs = params.logprobs or params.top_logprobs > 0
+        self._waiting.append(_Sequence(rid, ids, params, seed, time.time(), time.perf_counter(), on_token=on_token,
+                                       logprobs=[] if wants_logprobs else None))
         return rid
+
+    def cancel(self, request_id: str) -> Completion | None:
+        """Stop a request between steps (its client went away). A running request retires
+        with finish_reason "cancelled" and what it generated so far; a waiting one is dropped."""
+        for i, seq in enumerate(self._waiting):
+            if seq.request_id == request_id:
+                del self._waiting[i]
+                return None
+        for i, seq in enumerate(self._rows):
+            if seq.request_id == request_id:
+                return self._retire([(i, "cancelled")])[0]
+        return None
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._rows)
@@ -309,6 +345,9 @@ class Engine:
             self._stats[batch, steps.clamp(max=self._stats.shape[1] - 1)] = stats
         dead = x.amax(dim=1) <= NONFINITE_FILL  # every logit non-finite: the sequence cannot go on
         tokens = torch.where(dead, -1, tokens)
+        seqs = self._rows[rows]
+        top_n = max((s.params.top_logprobs for s in seqs if s.logprobs is not None), default=-1)
+        logprobs = _logprobs(x, tokens, top_n) if top_n >= 0 else None
         if rows == slice(None):
             self._last = tokens
         else:
@@ -318,11 +357,20 @@ class Engine:
         now = time.perf_counter()
         finished: list[tuple[int, str]] = []
         first = rows.start or 0
-        for i, token in enumerate(tokens.tolist(), start=first):  # the one host sync of the step
-            seq = self._rows[i]
+        host = torch.cat([tokens[:, None].float(), logprobs], dim=1) if logprobs is not None else tokens[:, None]
+        for i, row in enumerate(host.tolist(), start=first):  # the one host sync of the step
+            seq, token = self._rows[i], int(row[0])
             if seq.first_token_at is None:
                 seq.first_token_at = now
             reason = self._stop_reason(seq, token)
+            if token >= 0:
+                entry = None
+                if seq.logprobs is not None:
+                    n = seq.params.top_logprobs
+                    entry = TokenLogprobs(row[1], [(int(t), v) for t, v in zip(row[2 + top_n:2 + top_n + n], row[2:2 + n])])
+                    seq.logprobs.append(entry)
+                if seq.on_token is not None:
+                    seq.on_token(token, entry)
             if reason:
                 finished.append((i, reason))
         return self._retire(finished) if finished else []
@@ -368,6 +416,7 @@ class Engine:
                 request_id=seq.request_id, text=text, token_ids=list(seq.generated),
                 prompt_tokens=len(seq.prompt_ids), finish_reason=reason, stats=stats, summary=summary,
                 regime=self.regime(seq.params), created=seq.created, ttft_s=ttft, latency_s=now - seq.started,
+                logprobs=seq.logprobs,
             ))
         gone = {i for i, _ in finished}
         self._keep([i for i in range(len(self._rows)) if i not in gone])
@@ -405,6 +454,16 @@ class Engine:
         if self.instrument:
             cap = max(self._stats.shape[1], stats.shape[1])
             self._stats = torch.cat([_right_pad(self._stats, cap), _right_pad(stats, cap)])
+
+
+def _logprobs(x: torch.Tensor, tokens: torch.Tensor, top_n: int) -> torch.Tensor:
+    """[B, 1 + 2 top_n]: log q(token), then the top_n log q values, then their token ids
+    (exact in fp32 below 2^24), to travel to the host with the step's tokens."""
+    log_q = torch.log_softmax(x, dim=-1)
+    chosen = log_q.gather(1, tokens.clamp(min=0)[:, None])
+    top = log_q.topk(top_n, dim=-1) if top_n > 0 else None
+    parts = [chosen] + ([top.values, top.indices.float()] if top is not None else [])
+    return torch.cat(parts, dim=1)
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:

@@ -163,3 +163,33 @@ def test_smollm2_greedy_equals_transformers_generate(smollm2):
         n = inputs["input_ids"].shape[1]
         forced = torch.stack([log_q[n - 1 + i, t] for i, t in enumerate(c.token_ids)])
         assert (forced - c.stats[:, COLUMN["logprob"]].double()).abs().max() < 1e-3
+
+
+def test_streaming_callback_and_logprobs_match_the_statistics(tiny):
+    engine = Engine(tiny, max_batch=4)
+    streamed = []
+    engine.submit("hello", DecodingParams(max_tokens=6, top_logprobs=4, seed=5, ignore_eos=True), request_id="lp",
+                  on_token=lambda token, lp: streamed.append((token, lp)))
+    engine.submit("other", DecodingParams(max_tokens=9, seed=6), request_id="plain")
+    done = {}
+    while engine.has_work():
+        done.update((c.request_id, c) for c in engine.step())
+    c = done["lp"]
+    assert [t for t, _ in streamed] == c.token_ids and [lp for _, lp in streamed] == c.logprobs
+    for entry, row in zip(c.logprobs, c.stats):
+        assert entry.logprob == pytest.approx(row[COLUMN["logprob"]].item(), abs=1e-5)
+        assert len(entry.top) == 4 and [v for _, v in entry.top] == sorted((v for _, v in entry.top), reverse=True)
+        assert entry.top[0][1] == pytest.approx(torch.log(row[COLUMN["top_prob"]]).item(), abs=1e-5)
+    assert done["plain"].logprobs is None
+
+
+def test_cancel_retires_a_running_request_and_drops_a_waiting_one(tiny):
+    engine = Engine(tiny, max_batch=1)
+    engine.submit("a", DecodingParams(max_tokens=50, ignore_eos=True), request_id="running")
+    engine.submit("b", DecodingParams(max_tokens=50), request_id="waiting")
+    engine.step()
+    engine.step()
+    assert engine.cancel("waiting") is None
+    c = engine.cancel("running")
+    assert c.finish_reason == "cancelled" and len(c.token_ids) == 2 and c.stats.shape[0] == 2
+    assert not engine.has_work()
