@@ -167,3 +167,38 @@ scrape_configs:
             p.terminate()
             p.wait(timeout=30)
     assert not list((tmp_path / "data" / TARGETS_DIR).glob("*.json"))  # both deregistered on SIGTERM
+
+
+def test_otlp_exporter_posts_to_the_configured_endpoint(monkeypatch):
+    """A real OTLP/HTTP exchange: the SDK's exporter posts protobuf to a local receiver."""
+    import http.server
+    import threading
+
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    received = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    t = Telemetry("otlp", instance_id="otlp-proc", export_interval_s=60)
+    t.record(completion(2.0, 1.0, 0.5), RecordContext(replica="r0"))
+    t.shutdown()  # exports what is pending
+    server.shutdown()
+    assert received and received[0][0] == "/v1/metrics"
+    request = ExportMetricsServiceRequest.FromString(received[0][1])
+    (resource_metrics,) = request.resource_metrics
+    resource = {a.key: a.value.string_value for a in resource_metrics.resource.attributes}
+    assert resource["service.instance.id"] == "otlp-proc"
+    names = {m.name for sm in resource_metrics.scope_metrics for m in sm.metrics}
+    assert {"softwatch.sequence.perplexity", "softwatch.tokens", "gen_ai.server.request.duration"} <= names
