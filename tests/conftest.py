@@ -20,3 +20,16 @@ def tiny():
     from softwatch.models import tiny_model
 
     return tiny_model(seed=0, logit_scale=30.0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

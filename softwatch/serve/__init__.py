@@ -1,0 +1,1 @@
+"""The Ray Serve application: an OpenAI-compatible ingress in front of instrumented LLM replicas."""

@@ -1,0 +1,251 @@
+"""The LLM deployment: each replica owns a model, one continuously batched decode loop on its
+own thread, a ParquetSink and a telemetry provider.
+
+Requests arrive as concurrent async calls; each is handed to the decode thread through an
+inbox and answered through an asyncio queue that the thread feeds with
+`loop.call_soon_threadsafe`. New requests join the running batch between steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import os
+import queue
+import threading
+
+from ray import serve
+
+from ..engine import Completion, DecodingParams, Engine, InvalidRequest, TokenLogprobs
+from ..models import load_model
+from ..records import RecordContext
+from ..store import ParquetSink
+from ..telemetry import Telemetry
+
+log = logging.getLogger("softwatch.serve")
+
+# What an operator may set through the deployment's user_config (a config push).
+DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "template_version")
+
+
+class LLMServer:
+    def __init__(self, settings: dict):
+        threads = settings.get("torch_threads")
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        self.lm = load_model(settings.get("model", "SmolLM2-135M-Instruct"), device=settings.get("device", "auto"),
+                             dtype=settings.get("dtype", "auto"))
+        self.engine = Engine(self.lm, max_batch=int(settings.get("max_batch", 32)))
+        self.defaults = DecodingParams()
+        replica = _replica_id()
+        self.context = RecordContext(deployment=settings.get("deployment", "softwatch"), replica=replica,
+                                     store_text=bool(settings.get("store_text", False)))
+        data = settings.get("data")
+        self.sink = ParquetSink(data, token_sample_rate=float(settings.get("token_sample_rate", 1.0))) if data else None
+        self.telemetry = Telemetry(settings.get("metrics", "none"), instance_id=replica, data_root=data)
+        self.fault = bool(settings.get("allow_fault_injection", False))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._decode_loop, name="softwatch-decode", daemon=True)
+        self._thread.start()
+
+    # ---- configuration --------------------------------------------------------------------
+    def reconfigure(self, config: dict) -> None:
+        """user_config: default decoding parameters; takes effect for the next request."""
+        config = dict(config or {})
+        unknown = set(config) - set(DEFAULT_KEYS)
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; allowed: {', '.join(DEFAULT_KEYS)}")
+        defaults = dataclasses.replace(DecodingParams(), **config)
+        defaults.validate()
+        self.defaults = defaults
+        log.info("softwatch: decoding defaults now %s (params_id %s)", config, defaults.params_id)
+
+    async def info(self) -> dict:
+        return {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "context_length": self.lm.context_length,
+                "defaults": {k: getattr(self.defaults, k) for k in DEFAULT_KEYS},
+                "params_id": self.defaults.params_id, "replica": self.context.replica}
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the decode loop has stopped")
+
+    # ---- requests -------------------------------------------------------------------------
+    async def generate(self, spec: dict):
+        """Events of one sequence: {"type": "token", ...} while it runs (when streaming), then
+        {"type": "done", ...} or {"type": "error", ...}."""
+        if self._stopping:
+            yield {"type": "error", "status": 503, "param": None, "message": "the replica is shutting down"}
+            return
+        try:
+            params = dataclasses.replace(self.defaults, **spec["params"])
+            params.validate()
+        except InvalidRequest as exc:
+            yield {"type": "error", "status": 400, "param": exc.field, "message": str(exc)}
+            return
+        except TypeError as exc:
+            yield {"type": "error", "status": 400, "param": None, "message": str(exc)}
+            return
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        put = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
+        on_token = (lambda token, lp: put(("token", token, lp))) if spec.get("stream") else None
+        rid = spec["request_id"]
+        self._inbox.put(("submit", rid, spec, params, on_token, put))
+        finished = False
+        text = _TextStream(self.lm.tokenizer, params.stop)
+        try:
+            while True:
+                event = await events.get()
+                if event[0] == "token":
+                    yield {"type": "token", "text": text.push(event[1]),
+                           "logprobs": _logprobs(self.lm.tokenizer, event[2], event[1])}
+                elif event[0] == "error":
+                    finished = True
+                    yield {"type": "error", "status": event[1], "param": event[2], "message": event[3]}
+                    return
+                else:
+                    finished = True
+                    yield {"type": "done", "rest": event[1].text[len(text.sent):], **self._result(event[1], spec)}
+                    return
+        finally:
+            if not finished:  # the client went away: stop decoding for it
+                self._inbox.put(("cancel", rid))
+
+    def _result(self, c: Completion, spec: dict) -> dict:
+        tok = self.lm.tokenizer
+        out = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+               "prompt_tokens": c.prompt_tokens, "regime": c.regime,
+               "logprobs": [_logprobs(tok, lp, t) for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs else None}
+        if spec.get("stats"):
+            out["stats"] = _finite({"tokens": c.token_records(tok), "summary": c.summary})
+        return out
+
+    # ---- the decode thread ----------------------------------------------------------------
+    def _decode_loop(self) -> None:
+        waiting: dict[str, callable] = {}  # request id -> put
+        specs: dict[str, str | None] = {}
+        while True:
+            try:
+                command = self._inbox.get(block=not self.engine.has_work(), timeout=0.5)
+            except queue.Empty:
+                command = None
+            if command is not None:
+                self._command(command, waiting, specs)
+                while True:  # take everything that arrived, so it all joins this step
+                    try:
+                        self._command(self._inbox.get_nowait(), waiting, specs)
+                    except queue.Empty:
+                        break
+            if self._stopping and not self.engine.has_work():
+                return
+            if not self.engine.has_work():
+                continue
+            try:
+                finished = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                log.exception("softwatch: decode step failed; failing the running requests")
+                for put in waiting.values():
+                    put(("error", 500, None, f"decode failed: {type(exc).__name__}"))
+                waiting.clear()
+                self.engine = Engine(self.lm, max_batch=self.engine.max_batch)
+                continue
+            for c in finished:
+                self._record(c, specs.pop(c.request_id, None))
+                put = waiting.pop(c.request_id, None)
+                if put is not None:
+                    put(("done", c))
+
+    def _command(self, command: tuple, waiting: dict, specs: dict) -> None:
+        if command[0] == "cancel":
+            rid = command[1]
+            waiting.pop(rid, None)
+            c = self.engine.cancel(rid)
+            if c is not None:
+                self._record(c, specs.pop(rid, None))
+            return
+        _, rid, spec, params, on_token, put = command
+        prompt = spec.get("messages") or spec.get("prompt")
+        try:
+            self.engine.submit(prompt, params, chat="messages" in spec, request_id=rid, on_token=on_token)
+        except InvalidRequest as exc:
+            put(("error", 400, exc.field, str(exc)))
+            return
+        waiting[rid] = put
+        specs[rid] = prompt if isinstance(prompt, str) else repr(prompt)
+
+    def _record(self, c: Completion, prompt: str | None) -> None:
+        try:
+            if self.sink is not None:
+                self.sink.write_completion(c, self.context, prompt)
+            self.telemetry.record(c, self.context)
+        except Exception:  # noqa: BLE001 - a broken metrics pipe must not stop serving
+            log.exception("softwatch: recording %s failed", c.request_id)
+
+    # ---- shutdown -------------------------------------------------------------------------
+    def __del__(self):
+        self.shutdown()
+
+    def shutdown(self, drain_s: float = 20.0) -> None:
+        """Finish in-flight requests (up to `drain_s`), then flush records and metrics."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._inbox.put(("cancel", ""))  # wake the loop
+        self._thread.join(timeout=drain_s)
+        if self.sink is not None:
+            self.sink.close()
+        self.telemetry.shutdown()
+
+
+class _TextStream:
+    """Text deltas of a streamed sequence. Holds back what could still become a stop string
+    (the final text is cut before it) and a trailing partial UTF-8 character."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if any(s in text for s in self.stop):
+            return ""  # the sequence ends here; its final text comes with "done"
+        safe = text[: len(text) - self.holdback].rstrip("\ufffd")
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""
+        delta, self.sent = safe[len(self.sent):], safe
+        return delta
+
+
+def _finite(value):
+    """JSON has no NaN: non-finite statistics (a dead row's) travel as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (tests, library use)
+        return f"local-{os.getpid()}"
+
+
+def _logprobs(tokenizer, entry: TokenLogprobs | None, token: int | None = None) -> dict | None:
+    if entry is None:
+        return None
+    return {"token": token, "text": tokenizer.decode([token]), "logprob": entry.logprob,
+            "top": [(t, tokenizer.decode([t]), v) for t, v in entry.top]}
+
+

@@ -1,0 +1,160 @@
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from softwatch.store import Store
+
+from .prometheus import free_port
+
+API_KEY = "test-key"
+MODEL = "tiny-random-0"
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from softwatch.serve.app import APP_NAME, run
+
+    data = str(tmp_path_factory.mktemp("serve-data"))
+    port = free_port()
+    args = {"model": "tiny-random", "data": data, "num_cpus": 0.5, "api_key": API_KEY, "max_batch": 16,
+            "defaults": {"temperature": 0.7, "max_tokens": 8}}
+    run(args, port=port)
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "data": data, "args": args, "port": port}
+    serve.delete(APP_NAME)
+
+
+@pytest.fixture
+def client(service):
+    return OpenAI(base_url=f"{service['url']}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def flush_and_read(service, sql):
+    """Records reach Parquet within the sink's 10 s age flush."""
+    deadline = time.time() + 30
+    store = Store(service["data"])
+    while True:
+        rows = store.rows(sql)
+        if rows and rows[0].get("ready", True) or time.time() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def test_models_completions_chat_and_stats(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=5, logprobs=2, seed=3)
+    choice = r.choices[0]
+    assert r.usage.completion_tokens == len(choice.logprobs.tokens) <= 5
+    # a dict keyed by token text (OpenAI's shape): byte tokens that decode alike share a key
+    assert all(1 <= len(top) <= 2 and max(top.values()) >= lp for top, lp in
+               zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
+    assert "".join(choice.logprobs.tokens) == choice.text or choice.finish_reason == "stop"
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+                                          n=2, seed=1, logprobs=True, top_logprobs=3,
+                                          extra_body={"softwatch": {"stats": True}})
+    assert [c.index for c in chat.choices] == [0, 1]
+    first = chat.choices[0]
+    assert sum(len(c.logprobs.content) for c in chat.choices) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 for t in first.logprobs.content)
+    stats = first.model_extra["softwatch"]
+    assert len(stats["tokens"]) == len(first.logprobs.content)
+    for token, lp in zip(stats["tokens"], first.logprobs.content):
+        assert token["logprob"] == pytest.approx(lp.logprob, abs=1e-4)
+    assert stats["regime"]["model_id"] == MODEL and stats["regime"]["temperature"] == 0.7
+    assert stats["summary"]["generated_tokens"] == len(stats["tokens"])
+
+
+def test_stream_with_logprobs_equals_the_unstreamed_text(client):
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "stream"}], max_tokens=8, seed=11,
+                  temperature=0.9, logprobs=True)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    streamed_lp = [t.logprob for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed_lp == pytest.approx([t.logprob for t in whole.choices[0].logprobs.content], abs=1e-6)
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+    completion_chunks = list(client.completions.create(model=MODEL, prompt="abc", max_tokens=6, seed=2, stream=True))
+    assert completion_chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_are_never_streamed(client):
+    base = client.completions.create(model=MODEL, prompt="xyz", max_tokens=12, seed=5, temperature=0)
+    text = base.choices[0].text
+    stop = next((ch for ch in text[2:] if ch != "\ufffd"), None)
+    if stop is None:
+        pytest.fail(f"the greedy continuation has no usable stop character: {text!r}")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="xyz", max_tokens=12, seed=5, temperature=0, stop=[stop], stream=True))
+    assert streamed == text[: text.index(stop)]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b'{"model": "tiny-random-0", "prompt": "x", "temperature": -1}', 400, "temperature"),
+    (b'{"model": "tiny-random-0", "prompt": "x", "top_p": 0}', 400, "top_p"),
+    (b'{"model": "tiny-random-0", "prompt": "x", "top_p": 1.5}', 400, "top_p"),
+    (b'{"model": "tiny-random-0", "prompt": "x", "temperature": "hot"}', 400, "temperature"),
+    (b'{"model": "tiny-random-0", "prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
+    (b'{"model": "tiny-random-0", "prompt": "' + b"y" * 600 + b'"}', 400, "prompt"),
+    (b'{"model": "tiny-random-0", "prompt": ""}', 400, "prompt"),
+    (b'{"model": "other-model", "prompt": "x"}', 404, "model"),
+    (b'{"model": "tiny-random-0", "prompt": "x"', 400, None),
+    (b'{"model": "tiny-random-0", "prompt": "\xff\xfe"}', 400, None),
+])
+def test_bad_completion_requests_get_a_4xx_naming_the_field(service, body, status, param):
+    r = httpx.post(f"{service['url']}/v1/completions", content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"]
+
+
+def test_bad_chat_requests_and_auth(service, client):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{service['url']}/v1/chat/completions", json={"model": MODEL, "messages": []}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(f"{service['url']}/v1/chat/completions", headers=headers,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    for auth in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{service['url']}/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=auth)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{service['url']}/healthz").json() == {"status": "ok"}
+    assert client.completions.create(model=MODEL, prompt="still serving", max_tokens=2).choices
+
+
+def test_concurrent_clients_each_get_one_sequence_row_and_config_push_changes_params_id(service, client):
+    from softwatch.serve.app import run
+
+    def one(i):
+        r = client.completions.create(model=MODEL, prompt=f"request {i}", max_tokens=4 + i % 5)
+        return r.id, r.usage.completion_tokens, r.model_extra["softwatch"]["regime"]["params_id"]
+
+    with ThreadPoolExecutor(32) as pool:
+        before = list(pool.map(one, range(64)))
+    old_params = {p for _, _, p in before}
+    assert len(old_params) == 1
+
+    run({**service["args"], "defaults": {"temperature": 1.0, "max_tokens": 8}}, port=service["port"])  # config push
+    after = [one(i) for i in range(4)]
+    new_params = {p for _, _, p in after}
+    assert len(new_params) == 1 and new_params != old_params
+
+    new_id, old_id = next(iter(new_params)), old_params.pop()
+    pushed = flush_and_read(service, f"SELECT count(*) AS n, sum(generated_tokens)::BIGINT AS g, any_value(temperature) "
+                                     f"AS t, count(*) >= 4 AS ready FROM sequences WHERE params_id = '{new_id}'")[0]
+    store = Store(service["data"])
+    assert store.rows(f"SELECT count(*) AS n FROM sequences WHERE params_id = '{old_id}'")[0]["n"] >= 64
+    assert store.rows("SELECT count(*) AS n FROM tokens")[0]["n"] == \
+        store.rows("SELECT sum(generated_tokens)::BIGINT AS n FROM sequences")[0]["n"]
+    ids = {r["request_id"] for r in store.rows("SELECT request_id FROM sequences")}
+    assert len(ids) == store.rows("SELECT count(*) AS n FROM sequences")[0]["n"]  # exactly one row per sequence
+    assert pushed["n"] == 4 and pushed["g"] == sum(n for _, n, _ in after) and pushed["t"] == 1.0
