@@ -72,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     compact = sub.add_parser("compact", help="merge each partition's small Parquet files into large ones")
     _add_data_arg(compact)
 
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible API on Ray Serve")
+    srv.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    srv.add_argument("--replicas", type=int, default=None)
+    srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="default 8000")
+    _add_data_arg(srv)
+    srv.add_argument("--metrics", choices=["prometheus", "otlp", "none"], default=None, help="default prometheus")
+    srv.add_argument("--config", default=None, help="a Serve config file such as deploy/serve.yaml")
+    srv.add_argument("--api-key", default=None, help="require this bearer token (default $SOFTWATCH_API_KEY)")
+    srv.add_argument("--ray-address", default=None,
+                     help="Ray cluster to deploy on (default: the running one, else a new local one; 'local' forces new)")
+
     demo = sub.add_parser("demo", help="the end-to-end demo on the default model")
     _add_model_args(demo)
     return parser
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sql(args)
         if args.command == "compact":
             return _compact(args)
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "demo":
             return _demo(args)
     except (InvalidRequest, ModelNotFoundError, ValueError, duckdb.Error) as exc:
@@ -281,6 +295,60 @@ def _compact(args) -> int:
     result = compact(root, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     print(f"compacted {root}: {result.partitions} partitions, {result.files_before} files -> {result.files_after}, "
           f"{result.rows_moved:,} rows rewritten, {result.stale_removed} stale temporary files removed")
+    return 0
+
+
+def _serve(args) -> int:
+    import signal
+    import time
+
+    from .serve.app import args_from_config, run
+    from .store import default_root
+
+    app_args, http = args_from_config(args.config) if args.config else ({}, {})
+    for key, value in (("model", args.model), ("replicas", args.replicas), ("data", args.data),
+                       ("metrics", args.metrics), ("api_key", args.api_key)):
+        if value is not None:
+            app_args[key] = value
+    app_args.setdefault("data", default_root())
+    app_args.setdefault("metrics", "prometheus")
+    host = args.host or http.get("host", "127.0.0.1")
+    port = args.port or int(http.get("port", 8000))
+    if "num_gpus" not in app_args:
+        import torch
+
+        app_args["num_gpus"] = 1 if torch.cuda.is_available() else 0
+
+    import ray
+    from ray import serve
+
+    print(f"softwatch serve: starting Ray and deploying {app_args.get('model', 'SmolLM2-135M-Instruct')} "
+          "(first start takes a minute)", file=sys.stderr, flush=True)
+    if args.ray_address:
+        ray.init(address=args.ray_address, include_dashboard=False)
+    else:
+        try:
+            ray.init(address="auto", include_dashboard=False)
+        except ConnectionError:
+            ray.init(include_dashboard=False)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        run(app_args, host=host, port=port)
+        print(f"serving on http://{host}:{port}/v1  (OpenAI-compatible; GET /healthz)", flush=True)
+        print(f"records: {app_args['data']}   metrics: {app_args['metrics']}"
+              + (f" (Prometheus file_sd targets under {app_args['data']}/prometheus/targets)"
+                 if app_args["metrics"] == "prometheus" else ""), flush=True)
+        print("Ctrl-C stops", flush=True)
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("softwatch serve: shutting down (finishing in-flight requests, flushing records)", file=sys.stderr,
+              flush=True)
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 

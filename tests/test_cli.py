@@ -97,3 +97,37 @@ def test_compact_prints_a_summary(tmp_path):
     r = softwatch("compact", "--data", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert "4 files -> 2" in r.stdout
+
+
+def test_serve_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
+    import signal
+    import socket
+
+    import httpx
+
+    from softwatch.store import Store
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "data"
+    proc = subprocess.Popen([sys.executable, "-m", "softwatch.cli", "serve", "--model", "tiny-random", "--port",
+                             str(port), "--data", str(data), "--api-key", "k", "--ray-address", "local"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        while not any(line.startswith("serving on") for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"softwatch serve exited: {lines}"
+            lines.append(line)
+        assert f"http://127.0.0.1:{port}/v1" in lines[-1]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "tiny-random-0", "prompt": "hi",
+                       "max_tokens": 3}, headers={"Authorization": "Bearer k"}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert list((data / "prometheus" / "targets").glob("*.json"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    store = Store(str(data))
+    assert store.rows("SELECT count(*) AS n FROM sequences")[0]["n"] == 1  # flushed on shutdown
+    assert not list((data / "prometheus" / "targets").glob("*.json"))  # deregistered

@@ -158,3 +158,33 @@ def test_concurrent_clients_each_get_one_sequence_row_and_config_push_changes_pa
     ids = {r["request_id"] for r in store.rows("SELECT request_id FROM sequences")}
     assert len(ids) == store.rows("SELECT count(*) AS n FROM sequences")[0]["n"]  # exactly one row per sequence
     assert pushed["n"] == 4 and pushed["g"] == sum(n for _, n, _ in after) and pushed["t"] == 1.0
+
+
+def test_deploy_files_are_valid_serve_configs():
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from softwatch.serve.app import args_from_config, build_app
+
+    root = Path(__file__).parent.parent / "deploy"
+    ServeDeploySchema.model_validate(yaml.safe_load((root / "serve.yaml").read_text()))
+    args, http = args_from_config(str(root / "serve.yaml"))
+    assert http == {"host": "127.0.0.1", "port": 8000}
+    assert args["deployments"]["LLMServer"]["user_config"]["temperature"] == 0.7
+    build_app(args)  # every arg and deployment option is accepted
+    service = yaml.safe_load((root / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    gpu = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    with pytest.raises(ValueError, match="unknown"):
+        build_app({"modle": "typo"})
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run .ci/install-prometheus"
+    check = subprocess.run([promtool, "check", "config", str(root / "prometheus.yml")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -41,9 +41,29 @@ def build_app(args: dict) -> Application:
         "graceful_shutdown_timeout_s": 30,
         **overrides.get("LLMServer", {}),
     }
+    if "autoscaling_config" in llm_options:
+        llm_options.pop("num_replicas")
     llm = serve.deployment(LLMServer).options(**llm_options).bind(settings)
     api_key = args.get("api_key", os.environ.get("SOFTWATCH_API_KEY"))
     return Ingress.options(**overrides.get("Ingress", {})).bind(llm, api_key)
+
+
+def args_from_config(path: str) -> tuple[dict, dict]:
+    """(application args, http_options) of the first application of a Serve config file,
+    with its `deployments` list folded into args["deployments"]."""
+    import yaml
+
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    apps = config.get("applications") or []
+    if not apps:
+        raise ValueError(f"{path}: no applications")
+    app = apps[0]
+    args = dict(app.get("args") or {})
+    deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+    if deployments:
+        args["deployments"] = deployments
+    return args, dict(config.get("http_options") or {})
 
 
 def run(args: dict, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
