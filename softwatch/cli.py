@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     tel.add_argument("--new-tokens", type=int, default=64)
     tel.add_argument("--json", action="store_true")
 
+    bserve = bench_sub.add_parser("serve", help="concurrent clients vs one at a time against the service")
+    bserve.add_argument("--url", default=None, help="a running service (default: start one on --model)")
+    bserve.add_argument("--model", default="SmolLM2-135M-Instruct")
+    bserve.add_argument("--api-key", default=None)
+    bserve.add_argument("--concurrency", type=int, default=8)
+    bserve.add_argument("--requests", type=int, default=32)
+    bserve.add_argument("--max-tokens", type=int, default=64)
+    bserve.add_argument("--json", action="store_true")
+
     sql = sub.add_parser("sql", help="run SQL over the tokens, sequences and drift_reports views")
     sql.add_argument("query")
     _add_data_arg(sql)
@@ -100,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
         if args.command == "bench":
-            return {"decode": _bench_decode, "store": _bench_store, "telemetry": _bench_telemetry}[args.bench](args)
+            return {"decode": _bench_decode, "store": _bench_store, "telemetry": _bench_telemetry,
+                    "serve": _bench_serve}[args.bench](args)
         if args.command == "sql":
             return _sql(args)
         if args.command == "compact":
@@ -234,6 +244,53 @@ def _bench_telemetry(args) -> int:
     print(f"  {'sink_add_us_per_sequence':<26} {result['sink_add_us_per_sequence']:10.1f}   (on the decode loop)")
     print(f"  {'records_us_per_sequence':<26} {result['records_us_per_sequence']:10.1f}   "
           f"({100 * result['records_fraction']:.4f}% of decode, on the sink's thread)")
+    return 0
+
+
+def _bench_serve(args) -> int:
+    import tempfile
+
+    import httpx
+
+    from . import bench
+    from .bench.serve import serve
+
+    if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1:
+        raise ValueError("--concurrency, --requests and --max-tokens must be >= 1")
+    url, started = args.url, False
+    scratch = None
+    if url is None:
+        import socket
+
+        import ray
+        from ray import serve as ray_serve
+
+        from .serve.app import run
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        scratch = tempfile.TemporaryDirectory(prefix="softwatch-bench-serve-")
+        bench.print_progress(f"starting a local service on {args.model}")
+        ray.init(include_dashboard=False, log_to_driver=False)
+        run({"model": args.model, "data": scratch.name, "metrics": "none", "num_cpus": 1}, port=port)
+        url, started = f"http://127.0.0.1:{port}", True
+    try:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
+        result = serve(url, model, args.api_key, args.concurrency, args.requests, args.max_tokens,
+                       progress=bench.print_progress)
+    finally:
+        if started:
+            ray_serve.shutdown()
+            ray.shutdown()
+            scratch.cleanup()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['model']} at {result['url']}: {result['requests']} requests x {result['max_tokens']} tokens")
+    for key in ("tok_s", "p50_latency_s", "p99_latency_s", "ttft_p50_s", "sequential_tok_s", "speedup"):
+        print(f"  {key:<18} {result[key]:10.3f}")
     return 0
 
 

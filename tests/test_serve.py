@@ -188,3 +188,13 @@ def test_deploy_files_are_valid_serve_configs():
     assert promtool, "promtool is missing: run .ci/install-prometheus"
     check = subprocess.run([promtool, "check", "config", str(root / "prometheus.yml")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_bench_serve_reports_its_keys(service):
+    from softwatch.bench.serve import serve as bench_serve
+
+    result = bench_serve(service["url"], MODEL, API_KEY, concurrency=4, requests=8, max_tokens=4)
+    assert result["tokens"] == result["sequential_tokens"] > 0  # the same seeded workload both ways
+    assert result["tok_s"] > 0 and result["sequential_tok_s"] > 0
+    assert result["speedup"] == pytest.approx(result["tok_s"] / result["sequential_tok_s"])
+    assert 0 < result["ttft_p50_s"] <= result["p50_latency_s"] <= result["p99_latency_s"]
