@@ -130,7 +130,7 @@ def token_table(items: Sequence[tuple[Completion, RecordContext]]) -> pa.Table:
     owner = np.repeat(np.arange(len(items)), lengths)  # row -> index of its request
     starts = np.cumsum(lengths) - lengths
     stats = np.concatenate([
-        c.stats.numpy() if c.stats is not None else np.full((len(c.token_ids), len(FIELDS)), np.nan, np.float32)
+        np.asarray(c.stats, dtype=np.float32) if c.stats is not None else np.full((len(c.token_ids), len(FIELDS)), np.nan, np.float32)
         for c, _ in items
     ])
     by_field = np.ascontiguousarray(stats.T)  # one contiguous column per field, shared by Arrow

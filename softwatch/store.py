@@ -12,6 +12,8 @@ reader never sees a half-written file, and a writer killed mid-write leaves only
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .engine import Completion
+from .journal import Journal, claim_orphans, release
 from .records import REGIME_COLUMNS, SCHEMAS, RecordContext, keeps_tokens, rows_table, sequence_row, token_table
 
 log = logging.getLogger("softwatch.store")
@@ -94,6 +97,7 @@ class ParquetSink:
         flush_interval_s: float = 10.0,
         token_sample_rate: float = 1.0,
         writer: str | None = None,
+        journal: str | None = "auto",
     ):
         if not 0 <= token_sample_rate <= 1:
             raise ValueError(f"token_sample_rate must be in [0, 1], got {token_sample_rate}")
@@ -113,6 +117,11 @@ class ParquetSink:
         self._pending = _Pending()
         self._oldest: float | None = None
         self._closed = False
+        self._journal = None
+        if journal is not None:
+            directory = _journal_dir(self.fs, self.path) if journal == "auto" else journal
+            self._recover(directory)
+            self._journal = Journal(directory, self.writer)
         self._thread = threading.Thread(target=self._background, name="softwatch-sink", daemon=True)
         self._thread.start()
         _register(self)
@@ -121,8 +130,11 @@ class ParquetSink:
     def write_completion(self, completion: Completion, context: RecordContext, prompt: str | None = None) -> None:
         """The sequence row of a finished request, and its token rows unless sampled out."""
         kept = keeps_tokens(completion.request_id, self.token_sample_rate)
+        record = (completion, context, kept, prompt)
         with self._adding() as pending:
-            pending.completions.append((completion, context, kept, prompt))
+            if self._journal is not None:  # before the caller answers the request
+                self._journal.append((_portable(completion), context, kept, prompt))
+            pending.completions.append(record)
             pending.counts["sequences"] += 1
             pending.counts["tokens"] += len(completion.token_ids) if kept else 0
 
@@ -164,7 +176,15 @@ class ParquetSink:
         with self._write_lock:
             with self._lock:
                 pending, self._pending, self._oldest = self._pending, _Pending(), None
-            self._write(pending.tables_to_write())
+                if self._journal is not None and pending.completions:
+                    pending.segments += self._journal.rotate()
+            try:
+                self._write(pending.tables_to_write())
+            except Exception:
+                with self._lock:
+                    self._pending.segments += pending.segments
+                raise
+            release(pending.segments)
 
     def close(self) -> None:
         with self._lock:
@@ -174,7 +194,21 @@ class ParquetSink:
             self._wake.notify()
         self._thread.join()
         self.flush()
+        if self._journal is not None:
+            release(self._journal.close())
         _unregister(self)
+
+    def _recover(self, directory: str) -> None:
+        """Take in the journaled records of dead writers; they go out with the next flush."""
+        for segment, records in claim_orphans(directory, self.writer):
+            log.warning("softwatch: recovering %d records journaled by a writer that died (%s)", len(records), segment)
+            self._pending.completions += records
+            for c, _, kept, _ in records:
+                self._pending.counts["sequences"] += 1
+                self._pending.counts["tokens"] += len(c.token_ids) if kept else 0
+            self._pending.segments.append(segment)
+        if self._pending.segments:
+            self._oldest = time.monotonic()
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -234,6 +268,7 @@ class _Pending:
     tables: dict[str, list[pa.Table]] = field(default_factory=lambda: {t: [] for t in SCHEMAS})
     rows: dict[str, list[dict]] = field(default_factory=lambda: {t: [] for t in SCHEMAS})
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SCHEMAS, 0))
+    segments: list[str] = field(default_factory=list)  # journal segments these records came from
 
     def full(self, flush_rows: int) -> bool:
         return any(n >= flush_rows for n in self.counts.values())
@@ -248,6 +283,21 @@ class _Pending:
             if rows:
                 parts[table].append(rows_table(rows, SCHEMAS[table]))
         return {t: pa.concat_tables(p) for t, p in parts.items() if p and sum(x.num_rows for x in p)}
+
+
+def _portable(c: Completion) -> Completion:
+    """The completion with its statistics as a NumPy copy: a torch tensor pickles through
+    torch.save, slowly, and a view pickles its whole storage."""
+    return dataclasses.replace(c, stats=None if c.stats is None else c.stats.numpy().copy())
+
+
+def _journal_dir(fs: pafs.FileSystem, path: str) -> str:
+    """Next to the data on a local root; in the local cache for an object-store root."""
+    if _is_local(fs):
+        return f"{path}/_journal"
+    from .models import cache_root
+
+    return os.path.join(cache_root(), "journal", hashlib.blake2b(path.encode(), digest_size=6).hexdigest())
 
 
 def _days(ts: pa.ChunkedArray) -> pa.ChunkedArray:

@@ -204,6 +204,22 @@ def test_sigterm_loses_nothing(tmp_path):
     assert count(store, "SELECT count(*) FROM tokens") == 300 * 256
 
 
+def test_sigkill_after_answering_loses_no_record(tmp_path):
+    """Records still in the buffer when the process is killed come back from the journal."""
+    proc = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "hold", "120"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"  # every write_completion has returned
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "sequences").exists()
+    ParquetSink(str(tmp_path)).close()  # a new writer on this host recovers the dead one's journal
+    store = Store(str(tmp_path))
+    assert count(store, "SELECT count(*) FROM sequences") == 120
+    assert count(store, "SELECT count(*) FROM tokens") == 120 * 256
+    assert not list((tmp_path / "_journal").iterdir())
+    ParquetSink(str(tmp_path)).close()
+    assert count(store, "SELECT count(*) FROM sequences") == 120  # recovered once, not twice
+
+
 def test_sigkill_mid_write_leaves_a_readable_dataset(tmp_path):
     proc = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "forever", "200"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
