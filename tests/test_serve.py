@@ -198,3 +198,60 @@ def test_bench_serve_reports_its_keys(service):
     assert result["tok_s"] > 0 and result["sequential_tok_s"] > 0
     assert result["speedup"] == pytest.approx(result["tok_s"] / result["sequential_tok_s"])
     assert 0 < result["ttft_p50_s"] <= result["p50_latency_s"] <= result["p99_latency_s"]
+
+
+def test_killing_a_replica_under_load_loses_no_completed_record(service, client):
+    import os
+    import signal
+    import threading
+
+    from ray import serve
+
+    from softwatch.serve.app import APP_NAME
+
+    llm = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    victim = llm.info.remote().result()["pid"]
+    answered, failed, stop = [], [], threading.Event()
+
+    def load(worker):
+        i = 0
+        while not stop.is_set():
+            try:
+                r = client.completions.create(model=MODEL, prompt=f"load {worker} {i}", max_tokens=6)
+                answered.extend(r.model_extra["softwatch"]["request_ids"])
+            except Exception as exc:  # noqa: BLE001 - requests on the killed replica fail
+                failed.append(exc)
+            i += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    while len(answered) < 16:
+        time.sleep(0.1)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # Serve starts a replacement
+        try:
+            if llm.info.remote().result(timeout_s=10)["pid"] != victim:
+                break
+        except Exception:  # noqa: BLE001
+            time.sleep(1)
+    served_before = len(answered)
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert len(answered) > served_before  # later requests succeed
+    after = client.completions.create(model=MODEL, prompt="after the kill", max_tokens=3)
+    assert after.choices
+
+    wanted = set(answered)
+    deadline = time.time() + 60
+    store = Store(service["data"])
+    while True:
+        have = {r["request_id"] for r in store.rows("SELECT request_id FROM sequences")}
+        if wanted <= have or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not wanted - have, f"{len(wanted - have)} answered requests have no record"
+    assert store.rows("SELECT count(*) AS n FROM tokens")[0]["n"] > 0  # the store stays readable

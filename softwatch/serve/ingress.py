@@ -118,7 +118,7 @@ def _response(results: list[dict], rid: str, model: str, chat: bool) -> dict:
         choices.append(choice)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(), "model": model,
             "choices": choices, "usage": _usage(results),
-            "softwatch": {"regime": results[0]["regime"]}}
+            "softwatch": {"regime": results[0]["regime"], "request_ids": [r["request_id"] for r in results]}}
 
 
 async def _chunks(head, events, rid: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[dict]:

@@ -68,7 +68,7 @@ class LLMServer:
     async def info(self) -> dict:
         return {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "context_length": self.lm.context_length,
                 "defaults": {k: getattr(self.defaults, k) for k in DEFAULT_KEYS},
-                "params_id": self.defaults.params_id, "replica": self.context.replica}
+                "params_id": self.defaults.params_id, "replica": self.context.replica, "pid": os.getpid()}
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -118,7 +118,7 @@ class LLMServer:
 
     def _result(self, c: Completion, spec: dict) -> dict:
         tok = self.lm.tokenizer
-        out = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+        out = {"request_id": c.request_id, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
                "prompt_tokens": c.prompt_tokens, "regime": c.regime,
                "logprobs": [_logprobs(tok, lp, t) for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs else None}
         if spec.get("stats"):
