@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import struct
 from collections.abc import Iterator
+
+from .host import host_name, pid_alive
 
 SUFFIX = ".wal"
 _LENGTH = struct.Struct("<I")
@@ -65,7 +66,7 @@ def claim_orphans(directory: str, claimant: str) -> Iterator[tuple[str, list]]:
     """(claimed path, records) of each segment left by a dead writer on this host."""
     if not os.path.isdir(directory):
         return
-    host = socket.gethostname().split(".")[0].replace("-", "")[:16] or "host"
+    host = host_name()
     for name in sorted(os.listdir(directory)):
         if not name.endswith(SUFFIX) or not name.startswith(f"{host}-"):
             continue
@@ -73,7 +74,7 @@ def claim_orphans(directory: str, claimant: str) -> Iterator[tuple[str, list]]:
             pid = int(name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if _alive(pid):
+        if pid_alive(pid):
             continue
         claimed = os.path.join(directory, f"{name}.{claimant}.claimed")
         try:
@@ -94,15 +95,3 @@ def _read(path: str) -> Iterator:
             return  # a frame cut by the kill: its request was never answered
         yield pickle.loads(data[offset + _LENGTH.size:end])
         offset = end
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import weakref
@@ -35,6 +34,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .engine import Completion
+from .host import host_name
 from .journal import Journal, claim_orphans, release
 from .records import REGIME_COLUMNS, SCHEMAS, RecordContext, keeps_tokens, rows_table, sequence_row, token_table
 
@@ -78,8 +78,7 @@ def _write_parquet(fs: pafs.FileSystem, table: pa.Table, final: str) -> None:
 
 def writer_id() -> str:
     """Unique per process: host, pid and a random part (pids repeat across containers)."""
-    host = socket.gethostname().split(".")[0].replace("-", "")[:16] or "host"
-    return f"{host}-{os.getpid()}-{os.urandom(3).hex()}"
+    return f"{host_name()}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 class ParquetSink:

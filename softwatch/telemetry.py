@@ -23,6 +23,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 
 from .engine import Completion
+from .host import pid_alive
 from .records import RecordContext
 
 log = logging.getLogger("softwatch.telemetry")
@@ -227,17 +228,7 @@ def _remove_dead_targets(directory: str) -> None:
         try:
             with open(path) as f:
                 labels = json.load(f)[0]["labels"]
-            if labels.get("host") == here and not _alive(int(labels["pid"])):
+            if labels.get("host") == here and not pid_alive(int(labels["pid"])):
                 os.remove(path)
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             continue
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
