@@ -207,6 +207,9 @@ class Engine:
         """Token ids of a prompt: text, chat messages ([{"role", "content"}]) or ids."""
         tok = self.lm.tokenizer
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            vocab = self.lm.vocab_size
+            if not all(0 <= t < vocab for t in prompt):
+                raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
             return list(prompt)
         if isinstance(prompt, list) or chat:
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

@@ -33,3 +33,24 @@ def ray_cluster():
 
     serve.shutdown()
     ray.shutdown()
+
+
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def service(ray_cluster, tmp_path_factory):
+    from ray import serve
+
+    from softwatch.serve.app import run
+
+    from .prometheus import free_port
+
+    data = str(tmp_path_factory.mktemp("serve-data"))
+    port = free_port()
+    args = {"model": "tiny-random", "data": data, "num_cpus": 0.5, "api_key": API_KEY, "max_batch": 16,
+            "defaults": {"temperature": 0.7, "max_tokens": 8}}
+    run(args, port=port)
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "data": data, "args": args, "port": port}
+    serve.shutdown()  # the next module's service starts its own proxy on its own port

@@ -139,6 +139,14 @@ def test_bad_prompts_are_refused(tiny):
     assert not engine.has_work()
 
 
+def test_token_id_prompts_outside_the_vocabulary_are_refused(tiny):
+    engine = Engine(tiny)
+    for ids in ([1, tiny.vocab_size], [-1, 5]):
+        with pytest.raises(InvalidRequest, match="token ids") as err:
+            engine.submit(ids, DecodingParams(max_tokens=2))
+        assert err.value.field == "prompt"
+
+
 def test_chat_prompts_use_the_chat_template(tiny):
     engine = Engine(tiny)
     ids = engine.encode([{"role": "user", "content": "hi"}])

@@ -7,27 +7,9 @@ from openai import OpenAI
 
 from softwatch.store import Store
 
-from .prometheus import free_port
+from .conftest import API_KEY
 
-API_KEY = "test-key"
 MODEL = "tiny-random-0"
-
-
-@pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from softwatch.serve.app import APP_NAME, run
-
-    data = str(tmp_path_factory.mktemp("serve-data"))
-    port = free_port()
-    args = {"model": "tiny-random", "data": data, "num_cpus": 0.5, "api_key": API_KEY, "max_batch": 16,
-            "defaults": {"temperature": 0.7, "max_tokens": 8}}
-    run(args, port=port)
-    url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "data": data, "args": args, "port": port}
-    serve.delete(APP_NAME)
-
 
 @pytest.fixture
 def client(service):
