@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ray-address", default=None,
                      help="Ray cluster to deploy on (default: the running one, else a new local one; 'local' forces new)")
 
+    drift = sub.add_parser("drift", help="compare two selections of sequences (default: the newest regime "
+                           "against the one before it) and write the report to drift_reports")
+    _add_data_arg(drift)
+    drift.add_argument("--baseline", default=None, help="key=value[,key=value...] over regime columns and since/until")
+    drift.add_argument("--current", default=None, help="same form as --baseline")
+    drift.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="the end-to-end demo on the default model")
     _add_model_args(demo)
     return parser
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compact(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "drift":
+            return _drift(args)
         if args.command == "demo":
             return _demo(args)
     except (InvalidRequest, ModelNotFoundError, ValueError, duckdb.Error) as exc:
@@ -352,6 +361,30 @@ def _compact(args) -> int:
     result = compact(root, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
     print(f"compacted {root}: {result.partitions} partitions, {result.files_before} files -> {result.files_after}, "
           f"{result.rows_moved:,} rows rewritten, {result.stale_removed} stale temporary files removed")
+    return 0
+
+
+def _drift(args) -> int:
+    from .drift.monitor import Filter, Monitor
+    from .store import default_root
+
+    monitor = Monitor(args.data or default_root())
+    if args.baseline or args.current:
+        if not (args.baseline and args.current):
+            raise ValueError("give both --baseline and --current, or neither (newest regime vs the one before)")
+        report = monitor.compare(Filter.parse(args.baseline), Filter.parse(args.current))
+    else:
+        report = monitor.run()
+    if args.json:
+        print(json.dumps({"report_id": report.report_id, "verdict": report.verdict, "rows": report.rows},
+                         default=_json_value))
+        return 0
+    if not report.rows:
+        print("no sequences to compare yet")
+        return 0
+    print(format_table(report.table().select(
+        ["kind", "metric", "test", "statistic", "p_value", "effect_size", "n_baseline", "n_current", "verdict"])))
+    print(f"\nverdict: {report.verdict}  (report {report.report_id}, written to drift_reports)")
     return 0
 
 
