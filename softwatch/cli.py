@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--max-tokens", type=int, default=64)
     bserve.add_argument("--json", action="store_true")
 
-    sql = sub.add_parser("sql", help="run SQL over the tokens, sequences and drift_reports views")
+    sql = sub.add_parser("sql", help="run SQL over the tokens, sequences, drift_reports and probes views")
     sql.add_argument("query")
     _add_data_arg(sql)
     fmt = sql.add_mutually_exclusive_group()
@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--current", default=None, help="same form as --baseline")
     drift.add_argument("--json", action="store_true")
 
+    probe = sub.add_parser("probe", help="score the built-in probes teacher-forced on a model, store the scores, "
+                           "and compare them with the previous model revision's (paired test)")
+    _add_model_args(probe)
+    _add_data_arg(probe)
+    probe.add_argument("--quantize", type=int, default=None, metavar="BITS",
+                       help="round the linear weights to BITS-bit integers first (a quantized revision)")
+    probe.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="the end-to-end demo on the default model")
     _add_model_args(demo)
     return parser
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "drift":
             return _drift(args)
+        if args.command == "probe":
+            return _probe(args)
         if args.command == "demo":
             return _demo(args)
     except (InvalidRequest, ModelNotFoundError, ValueError, duckdb.Error) as exc:
@@ -375,12 +385,30 @@ def _drift(args) -> int:
         report = monitor.compare(Filter.parse(args.baseline), Filter.parse(args.current))
     else:
         report = monitor.run()
-    if args.json:
+    return _print_report(report, args.json, "no sequences to compare yet")
+
+
+def _probe(args) -> int:
+    from .drift.monitor import Monitor
+    from .models import quantize_weights
+    from .store import default_root
+
+    lm = _load(args)
+    if args.quantize:
+        lm = quantize_weights(lm, args.quantize)
+    print(f"softwatch probe: scoring {lm.model_id}@{lm.model_rev}", file=sys.stderr)
+    report = Monitor(args.data or default_root()).probe(lm)
+    return _print_report(report, args.json, f"stored the probe scores of {lm.model_id}@{lm.model_rev}: "
+                         "the first revision scored is the baseline of the next")
+
+
+def _print_report(report, as_json: bool, empty: str) -> int:
+    if as_json:
         print(json.dumps({"report_id": report.report_id, "verdict": report.verdict, "rows": report.rows},
                          default=_json_value))
         return 0
     if not report.rows:
-        print("no sequences to compare yet")
+        print(empty)
         return 0
     print(format_table(report.table().select(
         ["kind", "metric", "test", "statistic", "p_value", "effect_size", "n_baseline", "n_current", "verdict"])))

@@ -3,6 +3,8 @@ random models for tests; `model_rev`, a content hash of the weights as served.""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -259,3 +261,20 @@ def tiny_model(
     rev = model_rev(weights_digest(model), dtype)
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, tokenizer, f"tiny-random-{seed}", rev, device, dtype)
+
+
+def quantize_weights(lm: LoadedModel, bits: int = 8) -> LoadedModel:
+    """A copy of `lm` whose linear-layer weights are rounded to `bits`-bit symmetric integers
+    per output channel and stored back in the serving dtype (weight-only quantization, as a
+    quantized checkpoint would be served). Its `model_rev` is a new content hash."""
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+    model = copy.deepcopy(lm.model)
+    levels = 2 ** (bits - 1) - 1
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight.float()
+                scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / levels
+                module.weight.copy_((torch.round(w / scale).clamp(-levels, levels) * scale).to(module.weight.dtype))
+    return dataclasses.replace(lm, model=model, model_rev=model_rev(weights_digest(model), lm.dtype))

@@ -1,4 +1,4 @@
-"""Arrow schemas of the three tables (`tokens`, `sequences`, `drift_reports`) and the
+"""Arrow schemas of the tables (`tokens`, `sequences`, `drift_reports`, `probes`) and the
 conversion of a finished request into their rows.
 
 Every token and sequence row carries the regime (DESIGN.md): `model_id`, `model_rev`,
@@ -94,7 +94,22 @@ DRIFT_REPORTS = pa.schema(
     ]
 )
 
-SCHEMAS = {"tokens": TOKENS, "sequences": SEQUENCES, "drift_reports": DRIFT_REPORTS}
+# teacher-forced probe scores (drift/probes.py): one row per probe, scoring pass and model
+PROBES = pa.schema(
+    [
+        pa.field("ts", TIMESTAMP),
+        pa.field("run_id", pa.string()),  # one id per `softwatch probe` run
+        pa.field("probe_id", pa.string()),
+        pa.field("replicate", pa.int32()),  # 0: the scores; 1: rescored in another batch composition
+        pa.field("logprob", pa.float64()),
+        pa.field("entropy", pa.float64()),
+        pa.field("top_prob", pa.float64()),
+        pa.field("model_id", pa.string()),
+        pa.field("model_rev", pa.string()),
+    ]
+)
+
+SCHEMAS = {"tokens": TOKENS, "sequences": SEQUENCES, "drift_reports": DRIFT_REPORTS, "probes": PROBES}
 
 
 @dataclass(frozen=True)

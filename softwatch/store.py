@@ -353,7 +353,7 @@ atexit.register(_close_all)
 
 # ---- reading ------------------------------------------------------------------------------------
 class Store:
-    """DuckDB over the dataset, with views `tokens`, `sequences` and `drift_reports`.
+    """DuckDB over the dataset, with views `tokens`, `sequences`, `drift_reports` and `probes`.
     `dt` is a DATE partition column: filter on it to read only the days you need. New files
     are seen by the next query. Every file of a table has the table's schema (records.py);
     a schema change must come with a rewrite of older files."""

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from ..records import DRIFT_REPORTS, REGIME_COLUMNS
+from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
 from .online import CUSUM, PoissonCUSUM
 from .twosample import TestResult, compare
@@ -183,6 +183,46 @@ class Monitor:
                 self._compare_samples(report, "window", newest.take(slice(0, w)), newest.take(slice(-w, None)))
             if len(newest) > w:
                 self._online(report, newest)
+        self._publish(report)
+        return report
+
+    def probe(self, lm, probes: list | None = None) -> Report:
+        """Score the probes on `lm`, store the scores, and compare them (paired) with the most
+        recent probe run of another model revision."""
+        from .probes import PROBE_METRICS, builtin_probes, paired_test, score_twice
+
+        probes = probes or builtin_probes()
+        report = self._new_report()
+        scores = score_twice(lm, probes)
+        rows = [{"ts": report.ts, "run_id": report.report_id, "probe_id": p.probe_id, "replicate": replicate,
+                 **{m: float(scores[replicate][m][i]) for m in PROBE_METRICS},
+                 "model_id": lm.model_id, "model_rev": lm.model_rev}
+                for replicate in (0, 1) for i, p in enumerate(probes)]
+        previous = self.store.rows(
+            "SELECT run_id, model_id, model_rev FROM probes WHERE (model_id, model_rev) != (?, ?) "
+            "ORDER BY ts DESC LIMIT 1", [lm.model_id, lm.model_rev])
+        with ParquetSink(self.root, writer=f"probe-{report.report_id}", journal=None) as sink:
+            sink.write("probes", pa.Table.from_pylist(rows, schema=PROBES))
+        if not previous:
+            return report  # the first model scored: the baseline of later runs
+        before = previous[0]
+        baseline = self.store.rows(f"SELECT probe_id, replicate, {', '.join(PROBE_METRICS)} FROM probes "
+                                   "WHERE run_id = ?", [before["run_id"]])
+        by_probe = {(r["probe_id"], r["replicate"]): r for r in baseline}
+        shared = [i for i, p in enumerate(probes) if (p.probe_id, 0) in by_probe and (p.probe_id, 1) in by_probe]
+        side = lambda replicate: {m: np.array([by_probe[(probes[i].probe_id, replicate)][m] for i in shared])  # noqa: E731
+                                  for m in PROBE_METRICS}
+        current = {m: scores[0][m][shared] for m in PROBE_METRICS}
+        label = lambda r: f"{r['model_id']}@{r['model_rev']}"  # noqa: E731
+        for r in paired_test(side(0), side(1), current):
+            report.rows.append({
+                "report_id": report.report_id, "ts": report.ts, "kind": "probe", "metric": r.metric,
+                "test": "paired_sign_flip", "statistic": r.statistic, "p_value": r.p_value,
+                "effect_size": r.effect_size, "threshold": r.threshold, "baseline_regime": label(before),
+                "current_regime": label({"model_id": lm.model_id, "model_rev": lm.model_rev}),
+                "baseline_start": None, "baseline_end": None, "current_start": report.ts, "current_end": report.ts,
+                "n_baseline": r.n, "n_current": r.n, "verdict": r.verdict,
+            })
         self._publish(report)
         return report
 
