@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--max-tokens", type=int, default=64)
     bserve.add_argument("--json", action="store_true")
 
+    bdrift = bench_sub.add_parser("drift", help="softwatch's drift detectors vs Evidently's defaults on the same "
+                                  "generated data: false alarms, detection rates, delays")
+    bdrift.add_argument("--model", default="SmolLM2-135M-Instruct")
+    bdrift.add_argument("--device", default="auto")
+    _add_data_arg(bdrift)
+    bdrift.add_argument("--quick", action="store_true", help="a few tiny trials (minutes, for CI)")
+    bdrift.add_argument("--json", action="store_true")
+
     sql = sub.add_parser("sql", help="run SQL over the tokens, sequences, drift_reports and probes views")
     sql.add_argument("query")
     _add_data_arg(sql)
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "bench":
             return {"decode": _bench_decode, "store": _bench_store, "telemetry": _bench_telemetry,
-                    "serve": _bench_serve}[args.bench](args)
+                    "serve": _bench_serve, "drift": _bench_drift}[args.bench](args)
         if args.command == "sql":
             return _sql(args)
         if args.command == "compact":
@@ -311,6 +319,38 @@ def _bench_serve(args) -> int:
     for key in ("tok_s", "p50_latency_s", "p99_latency_s", "ttft_p50_s", "sequential_tok_s", "speedup"):
         print(f"  {key:<18} {result[key]:10.3f}")
     return 0
+
+
+def _bench_drift(args) -> int:
+    from .bench.drift import run
+
+    result = run(args.model, args.data, quick=args.quick, device=args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(drift_table(result))
+    return 0
+
+
+def drift_table(result: dict) -> str:
+    """The README's comparison table of a `bench drift` result."""
+    lines = []
+    for n, out in result["sizes"].items():
+        changes = list(out["softwatch"]["detection_rate"])
+        lines.append(f"\n{n} sequences per side")
+        lines.append("| detector | false alarms (95% CI) | " + " | ".join(f"{c}: detected / median delay" for c in changes) + " |")
+        lines.append("|---" * (2 + len(changes)) + "|")
+        for name, row in out.items():
+            fa = row["false_alarm_rate"]
+            cells = [f"{fa['rate']:.3f} [{fa['ci95'][0]:.3f}, {fa['ci95'][1]:.3f}] (n={fa['trials']})"]
+            for c in changes:
+                delay = row["median_delay_sequences"].get(c)
+                cells.append(f"{row['detection_rate'][c]['rate']:.2f}" + (f" / {delay:.0f}" if delay else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    p = result["probes"]
+    lines.append(f"\nprobes ({p['prompts']} prompts): false alarms {p['false_alarm_rate']['rate']:.3f}, "
+                 f"weights_int8 detected {p['detection_rate']['weights_int8']['rate']:.2f}")
+    return "\n".join(lines)
 
 
 def _sql(args) -> int:

@@ -57,14 +57,8 @@ class CUSUM:
         stream_mean, stream_std = boot.mean(axis=1), boot.std(axis=1)
         stream_std[stream_std == 0] = 1.0
         length = path_length(target_arl)
-        paths = np.empty((streams, length), np.float32)
-        upper = np.zeros(streams)
-        lower = np.zeros(streams)
-        for t in range(length):
-            step = (reference[rng.integers(0, len(reference), streams)] - stream_mean) / stream_std
-            upper = np.maximum(0, upper + step - k)
-            lower = np.maximum(0, lower - step - k)
-            paths[:, t] = np.maximum(upper, lower)
+        steps = (reference[rng.integers(0, len(reference), (streams, length))] - stream_mean[:, None]) / stream_std[:, None]
+        paths = np.maximum(lindley(steps - k), lindley(-steps - k))
         return cls(mean, std, threshold_for_arl(paths, target_arl), k)
 
 
@@ -100,16 +94,18 @@ class PoissonCUSUM:
         rate = max(float(counts.sum() / max(exposures.sum(), 1.0)), min_rate)
         increments = counts * math.log(ratio) - exposures * rate * (ratio - 1)
         rng = np.random.default_rng(seed)
-        length = path_length(target_arl)
-        paths = np.empty((streams, length), np.float32)
-        statistic = np.zeros(streams)
-        for t in range(length):
-            statistic = np.maximum(0, statistic + increments[rng.integers(0, len(increments), streams)])
-            paths[:, t] = statistic
+        paths = lindley(increments[rng.integers(0, len(increments), (streams, path_length(target_arl)))])
         # a clean reference never moves the statistic off zero: the smallest threshold that one
         # event crosses is the right one (any event is news)
         threshold = threshold_for_arl(paths, target_arl) if paths.max() > 0 else math.log(ratio) / 2
         return cls(rate, threshold, ratio, min_rate)
+
+
+def lindley(increments: np.ndarray) -> np.ndarray:
+    """S_t = max(0, S_{t-1} + x_t) from S_0 = 0 along the last axis, without a loop over t:
+    S_t = C_t − min(0, min_{s<=t} C_s), with C the cumulative sum."""
+    c = np.cumsum(increments, axis=-1, dtype=np.float64)
+    return (c - np.minimum(np.minimum.accumulate(c, axis=-1), 0)).astype(np.float32)
 
 
 def threshold_for_arl(paths: np.ndarray, target_arl: float) -> float:
