@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--current", default=None, help="same form as --baseline")
     drift.add_argument("--json", action="store_true")
 
+    rep = sub.add_parser("report", help="write the HTML drift report (self-contained: opens with no network)")
+    _add_data_arg(rep)
+    rep.add_argument("--out", default="softwatch-report.html")
+
     probe = sub.add_parser("probe", help="score the built-in probes teacher-forced on a model, store the scores, "
                            "and compare them with the previous model revision's (paired test)")
     _add_model_args(probe)
@@ -142,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "drift":
             return _drift(args)
+        if args.command == "report":
+            return _report(args)
         if args.command == "probe":
             return _probe(args)
         if args.command == "demo":
@@ -426,6 +432,16 @@ def _drift(args) -> int:
     else:
         report = monitor.run()
     return _print_report(report, args.json, "no sequences to compare yet")
+
+
+def _report(args) -> int:
+    from .drift.monitor import Monitor
+    from .drift.report import render
+    from .store import default_root
+
+    verdict = render(Monitor(args.data or default_root()), args.out)
+    print(f"wrote {args.out} (verdict: {verdict})")
+    return 0
 
 
 def _probe(args) -> int:

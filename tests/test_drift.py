@@ -197,3 +197,16 @@ def test_explicit_filters_and_bad_filters_on_the_command_line(tmp_path, capsys):
     assert main(["drift", "--data", str(tmp_path), "--baseline", "params_id=p-a"]) == 2
     assert main(["drift", "--data", str(tmp_path), "--baseline", "x=1", "--current", "params_id=p-b"]) == 2
     assert "key one of" in capsys.readouterr().err
+
+
+def test_html_report_is_self_contained(tmp_path, capsys):
+    write_regime(tmp_path, 300, params_id="p-old", temperature=0.7, start=START, seed=9)
+    write_regime(tmp_path, 300, params_id="p-new", temperature=1.0, start=START + timedelta(hours=1),
+                 entropy_shift=0.6, seed=10)
+    out = tmp_path / "report.html"
+    assert main(["report", "--data", str(tmp_path), "--out", str(out)]) == 0
+    assert "verdict: drift" in capsys.readouterr().out
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") == 2  # the regime comparison's distributions, the time series
+    assert "p-new" in page and "mean_entropy" in page and "<b class='drift'>drift</b>" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
