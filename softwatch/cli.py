@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="round the linear weights to BITS-bit integers first (a quantized revision)")
     probe.add_argument("--json", action="store_true")
 
+    sw = sub.add_parser("sweep", help="the same prompts at several temperatures: one row of statistics each")
+    _add_model_args(sw)
+    sw.add_argument("--temperatures", default="0,0.4,0.7,1.0", help="comma-separated, each >= 0")
+    sw.add_argument("--prompts", type=int, default=16, help="how many built-in prompts (1-%(default)s+)")
+    sw.add_argument("--max-tokens", type=int, default=48)
+    sw.add_argument("--top-p", type=float, default=1.0)
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--data", default=None, help="also store the records here (each temperature is a regime)")
+    sw.add_argument("--json", action="store_true")
+
     demo = sub.add_parser("demo", help="the end-to-end demo on the default model")
     _add_model_args(demo)
     return parser
@@ -150,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "probe":
             return _probe(args)
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "demo":
             return _demo(args)
     except (InvalidRequest, ModelNotFoundError, ValueError, duckdb.Error) as exc:
@@ -469,6 +481,37 @@ def _print_report(report, as_json: bool, empty: str) -> int:
     print(format_table(report.table().select(
         ["kind", "metric", "test", "statistic", "p_value", "effect_size", "n_baseline", "n_current", "verdict"])))
     print(f"\nverdict: {report.verdict}  (report {report.report_id}, written to drift_reports)")
+    return 0
+
+
+def _sweep(args) -> int:
+    from . import bench
+    from .prompts import prompt_set
+    from .store import ParquetSink
+    from .sweep import COLUMNS, sweep
+
+    try:
+        temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--temperatures must be comma-separated numbers, got {args.temperatures!r}") from None
+    if not temperatures or any(not math.isfinite(t) or t < 0 for t in temperatures):
+        raise ValueError("--temperatures must be finite numbers >= 0")
+    if not 1 <= args.prompts <= len(prompt_set()):
+        raise ValueError(f"--prompts must be in [1, {len(prompt_set())}]")
+    lm = _load(args)
+    sink = ParquetSink(args.data) if args.data else None
+    try:
+        rows = sweep(lm, temperatures, prompts=args.prompts, max_tokens=args.max_tokens, top_p=args.top_p,
+                     seed=args.seed, sink=sink, progress=bench.print_progress)
+    finally:
+        if sink is not None:
+            sink.close()
+    if args.json:
+        print(json.dumps(rows, default=_json_value))
+    else:
+        import pyarrow as pa
+
+        print(format_table(pa.Table.from_pylist(rows).select(list(COLUMNS))))
     return 0
 
 

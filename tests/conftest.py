@@ -49,7 +49,8 @@ def service(ray_cluster, tmp_path_factory):
     data = str(tmp_path_factory.mktemp("serve-data"))
     port = free_port()
     args = {"model": "tiny-random", "data": data, "num_cpus": 0.5, "api_key": API_KEY, "max_batch": 16,
-            "defaults": {"temperature": 0.7, "max_tokens": 8}}
+            "defaults": {"temperature": 0.7, "max_tokens": 8},
+            "drift": {"interval_s": 2, "min_sequences": 20, "window": 20, "permutations": 999}}
     run(args, port=port)
     url = f"http://127.0.0.1:{port}"
     yield {"url": url, "data": data, "args": args, "port": port}

@@ -210,3 +210,38 @@ def test_html_report_is_self_contained(tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 2  # the regime comparison's distributions, the time series
     assert "p-new" in page and "mean_entropy" in page and "<b class='drift'>drift</b>" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
+
+
+def test_sweep_gives_one_row_per_temperature(tmp_path, capsys):
+    assert main(["sweep", "--model", "tiny-random", "--prompts", "3", "--max-tokens", "6", "--temperatures", "0,0.5,1",
+                 "--data", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["temperature"] for r in rows] == [0, 0.5, 1] and len({r["params_id"] for r in rows}) == 3
+    assert rows[0]["mean_sampling_entropy"] == 0 and rows[2]["mean_sampling_entropy"] > rows[1]["mean_sampling_entropy"] > 0
+    assert all(r["sequences"] == 3 for r in rows)
+    stored = Store(str(tmp_path)).rows("SELECT temperature, count(*) AS n FROM sequences GROUP BY 1 ORDER BY 1")
+    assert stored == [{"temperature": 0.0, "n": 3}, {"temperature": 0.5, "n": 3}, {"temperature": 1.0, "n": 3}]
+    assert main(["sweep", "--model", "tiny-random", "--temperatures", "a,b"]) == 2
+
+
+def test_probes_find_a_quantized_revision_and_not_a_rescore(tmp_path, capsys):
+    data = ["--model", "tiny-random", "--data", str(tmp_path), "--json"]
+    assert main(["probe", *data]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == []  # the first revision is the baseline
+    assert main(["probe", *data, "--quantize", "4"]) == 0
+    quantized = json.loads(capsys.readouterr().out)
+    assert quantized["verdict"] == "drift" and {r["kind"] for r in quantized["rows"]} == {"probe"}
+    assert all(r["n_baseline"] == 64 for r in quantized["rows"])
+    assert main(["probe", *data, "--quantize", "4"]) == 0  # the same revision again: compared with the original
+    assert json.loads(capsys.readouterr().out)["verdict"] == "drift"
+    store = Store(str(tmp_path))
+    assert store.rows("SELECT count(DISTINCT run_id) AS runs, count(*) AS n FROM probes") == [{"runs": 3, "n": 3 * 128}]
+
+
+def test_probe_rescoring_in_another_batch_composition_is_no_drift(tiny):
+    from softwatch.drift.probes import builtin_probes, paired_test, score, score_twice
+
+    probes = builtin_probes()
+    baseline, replicate = score_twice(tiny, probes)
+    results = paired_test(baseline, replicate, score(tiny, probes, batch=5))
+    assert {r.verdict for r in results} == {"no_drift"} and all(r.statistic < 1e-4 for r in results)

@@ -142,6 +142,31 @@ def test_concurrent_clients_each_get_one_sequence_row_and_config_push_changes_pa
     assert pushed["n"] == 4 and pushed["g"] == sum(n for _, n, _ in after) and pushed["t"] == 1.0
 
 
+def test_drift_monitor_reports_the_config_push_over_http(service, client):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    reports = f"{service['url']}/v1/drift/reports"
+    for i in range(30):  # the pushed regime (previous test) needs min_sequences of its own
+        client.completions.create(model=MODEL, prompt=f"after the push {i}", max_tokens=8)
+    deadline = time.time() + 90  # records flush within 10 s; the monitor looks every 2 s
+    while True:
+        rows = httpx.get(reports, params={"kind": "regime", "latest": "true"}, headers=headers, timeout=30).json()["data"]
+        if rows and min(r["n_current"] for r in rows) >= 20 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert rows, "the drift monitor wrote no regime comparison"
+    assert {(r["metric"], r["test"]) for r in rows} >= {("mean_entropy", "ks"), ("log_perplexity", "cvm")}
+    assert len({r["report_id"] for r in rows}) == 1 and all(r["baseline_regime"] != r["current_regime"] for r in rows)
+    assert {r["verdict"] for r in rows} <= {"drift", "no_drift", "insufficient_data"}
+    one = httpx.get(reports, params={"report_id": rows[0]["report_id"], "metric": "mean_entropy", "limit": 5},
+                    headers=headers).json()["data"]
+    assert 1 <= len(one) <= 5 and {r["metric"] for r in one} == {"mean_entropy"}
+    for params, field in (({"limit": 0}, "limit"), ({"kind": "bogus"}, "kind"), ({"since": "yesterday"}, "since"),
+                          ({"latest": "maybe"}, "latest")):
+        r = httpx.get(reports, params=params, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (params, r.text)
+    assert httpx.get(reports).status_code == 401
+
+
 def test_deploy_files_are_valid_serve_configs():
     from pathlib import Path
 

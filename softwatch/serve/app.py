@@ -10,6 +10,7 @@ from ray.serve import Application
 
 from .ingress import Ingress
 from .llm import DEFAULT_KEYS, LLMServer
+from .monitor import DriftMonitor
 
 APP_NAME = "softwatch"
 
@@ -20,10 +21,13 @@ SETTINGS = ("model", "device", "dtype", "data", "metrics", "max_batch", "store_t
 
 def build_app(args: dict) -> Application:
     """args: the SETTINGS above, plus `replicas`, `num_cpus`, `num_gpus`, `defaults` (the
-    user_config: decoding defaults), `api_key` (default $SOFTWATCH_API_KEY) and
-    `deployments` ({"LLMServer": {...Serve deployment options}, "Ingress": {...}})."""
+    user_config: decoding defaults), `drift` (the DriftMonitor's user_config: interval_s and
+    thresholds), `api_key` (default $SOFTWATCH_API_KEY) and `deployments`
+    ({"LLMServer": {...Serve deployment options}, "Ingress": {...}, "DriftMonitor": {...}}).
+    With a `data` root the app runs a DriftMonitor over it."""
     args = dict(args or {})
-    unknown = set(args) - set(SETTINGS) - {"replicas", "num_cpus", "num_gpus", "defaults", "api_key", "deployments"}
+    unknown = set(args) - set(SETTINGS) - {"replicas", "num_cpus", "num_gpus", "defaults", "drift", "api_key",
+                                           "deployments"}
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}")
     defaults = dict(args.get("defaults") or {})
@@ -44,8 +48,14 @@ def build_app(args: dict) -> Application:
     if "autoscaling_config" in llm_options:
         llm_options.pop("num_replicas")
     llm = serve.deployment(LLMServer).options(**llm_options).bind(settings)
+    monitor = None
+    if settings.get("data"):
+        monitor_options = {"name": "DriftMonitor", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1},
+                           "user_config": dict(args.get("drift") or {}), **overrides.get("DriftMonitor", {})}
+        monitor = serve.deployment(DriftMonitor).options(**monitor_options).bind(
+            {"data": settings["data"], "metrics": settings.get("metrics", "none")})
     api_key = args.get("api_key", os.environ.get("SOFTWATCH_API_KEY"))
-    return Ingress.options(**overrides.get("Ingress", {})).bind(llm, api_key)
+    return Ingress.options(**overrides.get("Ingress", {})).bind(llm, api_key, monitor)
 
 
 def args_from_config(path: str) -> tuple[dict, dict]:

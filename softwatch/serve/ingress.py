@@ -9,8 +9,11 @@ import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -35,7 +38,7 @@ async def _api_error(request: Request, exc: ApiError):
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid" or "JSON" in str(first.get("msg", "")):
         message, param = f"the body is not valid JSON: {first.get('msg', '')}", None
@@ -171,8 +174,9 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, llm: DeploymentHandle, api_key: str | None = None):
+    def __init__(self, llm: DeploymentHandle, api_key: str | None = None, monitor: DeploymentHandle | None = None):
         self.llm = llm
+        self.monitor = monitor
         app.state.api_key = api_key
         self._info: dict | None = None
 
@@ -191,6 +195,22 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    @app.get("/v1/drift/reports", dependencies=[Depends(_authorized)])
+    async def drift_reports(self, report_id: str | None = None, kind: Literal["regime", "window", "online", "probe"] | None = None,
+                            metric: str | None = None, verdict: Literal["drift", "no_drift", "insufficient_data"] | None = None,
+                            current_regime: str | None = None, baseline_regime: str | None = None,
+                            since: datetime | None = None, latest: bool = False,
+                            limit: int = Query(1000, ge=1, le=10_000)) -> dict:
+        """Rows of drift_reports, newest first (read-only; every filter is a parameter)."""
+        if self.monitor is None:
+            raise ApiError(404, "drift monitoring is off: the service runs without a data directory",
+                           kind="not_found_error")
+        given = {"report_id": report_id, "kind": kind, "metric": metric, "verdict": verdict,
+                 "current_regime": current_regime, "baseline_regime": baseline_regime,
+                 "since": since.isoformat() if since else None}
+        rows = await self.monitor.reports.remote({k: v for k, v in given.items() if v is not None}, latest, limit)
+        return {"object": "list", "data": jsonable_encoder(rows)}
 
     @app.get("/v1/models", dependencies=[Depends(_authorized)])
     async def models(self) -> dict:

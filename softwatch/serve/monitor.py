@@ -1,0 +1,109 @@
+"""The DriftMonitor deployment: runs the drift monitor over the shared dataset on an
+interval, exports the drift gauges, and answers read-only queries of `drift_reports`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+
+from ..drift.monitor import Monitor, MonitorConfig
+from ..store import Store
+from ..telemetry import Telemetry
+
+log = logging.getLogger("softwatch.serve")
+
+CONFIG_KEYS = ("interval_s", *(f.name for f in dataclasses.fields(MonitorConfig)))
+REPORT_FILTERS = ("report_id", "kind", "metric", "verdict", "current_regime", "baseline_regime")
+REPORT_COLUMNS = ("report_id", "ts", "kind", "metric", "test", "statistic", "p_value", "effect_size", "threshold",
+                  "baseline_regime", "current_regime", "baseline_start", "baseline_end", "current_start",
+                  "current_end", "n_baseline", "n_current", "verdict")
+MAX_LIMIT = 10_000
+
+
+class DriftMonitor:
+    def __init__(self, settings: dict):
+        self.data = settings["data"]
+        self.interval_s = 60.0
+        self.config = MonitorConfig()
+        self.telemetry = Telemetry(settings.get("metrics", "none"), instance_id=f"drift-monitor-{os.getpid()}",
+                                   data_root=self.data)
+        self._lock = threading.Lock()  # one DuckDB connection per thread of use
+        self._reader = Store(self.data)
+        self._seen = -1
+        self._wake = threading.Event()
+        self._stopping = False
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="softwatch-drift", daemon=True)
+        self._thread.start()
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config: `interval_s` and any MonitorConfig field."""
+        config = dict(config or {})
+        unknown = set(config) - set(CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown DriftMonitor user_config keys {sorted(unknown)}; allowed: {', '.join(CONFIG_KEYS)}")
+        interval = float(config.pop("interval_s", self.interval_s))
+        if interval <= 0:
+            raise ValueError("interval_s must be > 0")
+        self.interval_s = interval
+        self.config = dataclasses.replace(MonitorConfig(), **config)
+        self._seen = -1  # new thresholds: look again
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                self.run_once()
+                self.last_error = None
+            except Exception as exc:  # a bad file or a full disk must not kill the monitor
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("softwatch: drift monitor run failed")
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def run_once(self, force: bool = False) -> dict | None:
+        """Run the monitor when sequences arrived since the last run (or when forced)."""
+        with self._lock:
+            monitor = Monitor(self.data, self.config, self.telemetry)
+            try:
+                (count,) = monitor.store.rows("SELECT count(*) AS n FROM sequences")
+                if count["n"] == self._seen and not force:
+                    return None
+                report = monitor.run()
+                self._seen = count["n"]
+            finally:
+                monitor.close()
+        return {"report_id": report.report_id, "verdict": report.verdict, "rows": len(report.rows)}
+
+    async def run_now(self) -> dict | None:
+        return self.run_once(force=True)
+
+    async def reports(self, filters: dict, latest: bool = False, limit: int = 1000) -> list[dict]:
+        """drift_reports rows, newest first; filters are equality on REPORT_FILTERS columns plus
+        `since` (a timestamp); `latest` keeps only the newest report."""
+        unknown = set(filters) - set(REPORT_FILTERS) - {"since"}
+        if unknown:
+            raise ValueError(f"unknown filters {sorted(unknown)}")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be in [1, {MAX_LIMIT}]")
+        clauses, params = [], []
+        for key, value in filters.items():
+            clauses.append("ts >= ?::TIMESTAMPTZ" if key == "since" else f"{key} = ?")
+            params.append(value)
+        if latest:
+            clauses.append("report_id = (SELECT report_id FROM drift_reports ORDER BY ts DESC LIMIT 1)")
+        where = " AND ".join(clauses) or "TRUE"
+        with self._lock:
+            return self._reader.rows(f"SELECT {', '.join(REPORT_COLUMNS)} FROM drift_reports WHERE {where} "
+                                     f"ORDER BY ts DESC, kind, metric, test LIMIT {int(limit)}", params)
+
+    def check_health(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the drift monitor loop has stopped")
+
+    def __del__(self):
+        self._stopping = True
+        self._wake.set()
+        self.telemetry.shutdown()
