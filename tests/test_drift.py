@@ -1,4 +1,5 @@
 import json
+import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -245,3 +246,38 @@ def test_probe_rescoring_in_another_batch_composition_is_no_drift(tiny):
     baseline, replicate = score_twice(tiny, probes)
     results = paired_test(baseline, replicate, score(tiny, probes, batch=5))
     assert {r.verdict for r in results} == {"no_drift"} and all(r.statistic < 1e-4 for r in results)
+
+
+def test_the_alarm_gauge_reaches_a_real_prometheus(tmp_path):
+    from softwatch.telemetry import TARGETS_DIR, Telemetry
+
+    from .prometheus import prometheus, query
+
+    write_regime(tmp_path / "data", 300, params_id="p-old", temperature=0.7, start=START, seed=11)
+    write_regime(tmp_path / "data", 300, params_id="p-new", temperature=1.0, start=START + timedelta(hours=1),
+                 entropy_shift=0.6, seed=12)
+    telemetry = Telemetry("prometheus", data_root=str(tmp_path / "data"), instance_id="drift-monitor-test")
+    try:
+        report = Monitor(str(tmp_path / "data"), telemetry=telemetry).run()
+        assert report.verdict == "drift"
+        config = f"""
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: softwatch
+    file_sd_configs:
+      - files: ["{tmp_path / 'data' / TARGETS_DIR}/*.json"]
+        refresh_interval: 1s
+"""
+        with prometheus(config, tmp_path / "prometheus") as url:
+            deadline = time.time() + 60
+            while not (alarms := query(url, 'softwatch_drift_alarm{kind="regime"} == 1')) and time.time() < deadline:
+                time.sleep(1)
+            assert alarms, "the drift alarm gauge never reached Prometheus"
+            labels = alarms[0]["metric"]
+            assert labels["current_regime"] == "m@r1/p-new" and labels["params_id"] == "p-new"
+            assert labels["gen_ai_request_model"] == "m"
+            (score,) = query(url, 'softwatch_drift_score{kind="regime"}')
+            assert float(score["value"][1]) >= 0.1
+    finally:
+        telemetry.shutdown()

@@ -297,7 +297,7 @@ class Monitor:
                 effects = [r["effect_size"] for r in rows if r["effect_size"] is not None]
                 score = max(effects) if effects else 0.0
                 alarm = any(r["verdict"] == "drift" for r in rows)
-                self.telemetry.set_drift(score, alarm, {"kind": kind, "current_regime": regime})
+                self.telemetry.set_drift(score, alarm, {"kind": kind, "current_regime": regime, **_regime_labels(regime)})
 
     def close(self) -> None:
         self.store.close()
@@ -308,6 +308,14 @@ def _by_comparison(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     for r in rows:
         groups.setdefault((r["kind"], r["current_regime"]), []).append(r)
     return groups
+
+
+def _regime_labels(label: str) -> dict:
+    """Model and params_id of a regime label `model@rev/params` (for dashboards and alert labels)."""
+    model, sep, rest = label.partition("@")
+    if not sep or "/" not in rest:
+        return {}
+    return {"gen_ai.request.model": model, "params_id": rest.split("/", 1)[1].split("[")[0]}
 
 
 def _regime_filter(regime: dict) -> Filter:
