@@ -8,8 +8,6 @@ import math
 import os
 import sys
 
-DEMO_PROMPT = "In three sentences, what makes a good unit test?"
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="SmolLM2-135M-Instruct",
@@ -130,8 +128,21 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--data", default=None, help="also store the records here (each temperature is a regime)")
     sw.add_argument("--json", action="store_true")
 
-    demo = sub.add_parser("demo", help="the end-to-end demo on the default model")
-    _add_model_args(demo)
+    snap = sub.add_parser("dashboard-snapshot", help="render every Grafana dashboard panel from a live Prometheus "
+                          "into a PNG per dashboard")
+    snap.add_argument("--prometheus", default="http://127.0.0.1:9090", help="Prometheus base URL")
+    snap.add_argument("--dashboards", default="dashboards", help="directory of dashboard JSON files")
+    snap.add_argument("--minutes", type=float, default=60, help="time range to render")
+    snap.add_argument("--out", default="dashboard-snapshots", help="output directory")
+
+    demo = sub.add_parser("demo", help="the end-to-end demo: serve, traffic, a config push, drift, report, SQL")
+    demo.add_argument("--model", default="SmolLM2-135M-Instruct")
+    demo.add_argument("--data", default="softwatch-demo-data", help="dataset root (default %(default)s)")
+    demo.add_argument("--requests", type=int, default=200, help="in all; half before the push, half after")
+    demo.add_argument("--concurrency", type=int, default=8)
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--keep-running", action="store_true", help="leave the service up for exploration")
     return parser
 
 
@@ -162,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             return _probe(args)
         if args.command == "sweep":
             return _sweep(args)
+        if args.command == "dashboard-snapshot":
+            return _dashboard_snapshot(args)
         if args.command == "demo":
             return _demo(args)
     except (InvalidRequest, ModelNotFoundError, ValueError, duckdb.Error) as exc:
@@ -515,6 +528,20 @@ def _sweep(args) -> int:
     return 0
 
 
+def _dashboard_snapshot(args) -> int:
+    import urllib.error
+
+    from .dashboards import load, snapshot
+
+    for name, dashboard in load(args.dashboards).items():
+        try:
+            path = snapshot(args.prometheus, dashboard, os.path.join(args.out, f"{name}.png"), args.minutes)
+        except urllib.error.URLError as exc:
+            raise ValueError(f"cannot reach Prometheus at {args.prometheus}: {exc.reason}") from None
+        print(f"wrote {path}")
+    return 0
+
+
 def _serve(args) -> int:
     import signal
     import time
@@ -570,11 +597,12 @@ def _serve(args) -> int:
 
 
 def _demo(args) -> int:
-    """Until serving and drift land: one generation on the default model with its statistics."""
-    print(f"softwatch demo: loading {args.model} (the first run converts it once, ~30 s)", file=sys.stderr)
-    args.prompt, args.temperature, args.top_p, args.top_k = DEMO_PROMPT, 0.7, 0.9, 0
-    args.max_tokens, args.seed, args.stop, args.chat, args.json = 48, 0, [], True, False
-    return _generate(args)
+    from .demo import DemoOptions, run
+
+    if args.requests < 40 or args.concurrency < 1 or args.max_tokens < 1:
+        raise ValueError("--requests must be >= 40 (20 per side), --concurrency and --max-tokens >= 1")
+    return run(DemoOptions(model=args.model, data=args.data, requests=args.requests, concurrency=args.concurrency,
+                           max_tokens=args.max_tokens, port=args.port, keep_running=args.keep_running))
 
 
 if __name__ == "__main__":

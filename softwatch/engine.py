@@ -163,6 +163,7 @@ class _Sequence:
     text: str | None = None  # set when a stop string cut it
     on_token: Callable[[int, TokenLogprobs | None], None] | None = None
     logprobs: list[TokenLogprobs] | None = None
+    fault: str | None = None  # an injected logit fault (FAULTS), tests and drills only
 
 
 def keep_freed_memory() -> None:
@@ -230,11 +231,15 @@ class Engine:
         chat: bool = False,
         request_id: str | None = None,
         on_token: Callable[[int, TokenLogprobs | None], None] | None = None,
+        fault: str | None = None,
     ) -> str:
         """Queue a request; it joins the running batch at the next step. Returns its id.
         `on_token(token_id, logprobs)` is called for each token as it is emitted (streaming);
-        `logprobs` is None unless the request asked for them."""
+        `logprobs` is None unless the request asked for them. `fault` (one of FAULTS) corrupts
+        this request's logits at every step, to drill the alerting path end to end."""
         params.validate()
+        if fault is not None and fault not in FAULTS:
+            raise InvalidRequest("softwatch.inject_fault", f"must be one of {', '.join(FAULTS)}, got {fault!r}")
         ids = self.encode(prompt, chat)
         context = self.lm.context_length
         if not ids:
@@ -250,7 +255,7 @@ class Engine:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         wants_logprobs = params.logprobs or params.top_logprobs > 0
         self._waiting.append(_Sequence(rid, ids, params, seed, time.time(), time.perf_counter(), on_token=on_token,
-                                       logprobs=[] if wants_logprobs else None))
+                                       logprobs=[] if wants_logprobs else None, fault=fault))
         return rid
 
     def cancel(self, request_id: str) -> Completion | None:
@@ -339,6 +344,9 @@ class Engine:
         """Sample the rows' next tokens, record their statistics, and retire finished rows."""
         params = self._params if rows == slice(None) else self._params.select(range(len(self._rows))[rows])
         steps = self._steps[rows]
+        seqs = self._rows[rows]
+        if any(s.fault for s in seqs):
+            logits = _inject_faults(logits, seqs)
         x = sanitize(logits)
         keep_min = keep_min_logit(x, params)
         tokens = sample(x, params, steps, keep_min)
@@ -348,7 +356,6 @@ class Engine:
             self._stats[batch, steps.clamp(max=self._stats.shape[1] - 1)] = stats
         dead = x.amax(dim=1) <= NONFINITE_FILL  # every logit non-finite: the sequence cannot go on
         tokens = torch.where(dead, -1, tokens)
-        seqs = self._rows[rows]
         top_n = max((s.params.top_logprobs for s in seqs if s.logprobs is not None), default=-1)
         logprobs = _logprobs(x, tokens, top_n) if top_n >= 0 else None
         if rows == slice(None):
@@ -457,6 +464,23 @@ class Engine:
         if self.instrument:
             cap = max(self._stats.shape[1], stats.shape[1])
             self._stats = torch.cat([_right_pad(self._stats, cap), _right_pad(stats, cap)])
+
+
+FAULTS = ("nonfinite", "overflow")
+FAULTY_LOGITS = 4
+
+
+def _inject_faults(logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
+    """A copy of the logits with FAULTY_LOGITS entries of each faulty row replaced: NaN and
+    ±Inf ("nonfinite"), or a large negative finite value ("overflow", beyond the fp32 exp bound
+    but never sampled). The rest of the row is untouched, so generation goes on."""
+    logits = logits.clone()
+    for i, seq in enumerate(seqs):
+        if seq.fault == "nonfinite":
+            logits[i, :FAULTY_LOGITS] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")])[:FAULTY_LOGITS]
+        elif seq.fault == "overflow":
+            logits[i, :FAULTY_LOGITS] = -1000.0
+    return logits
 
 
 def _logprobs(x: torch.Tensor, tokens: torch.Tensor, top_n: int) -> torch.Tensor:

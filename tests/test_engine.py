@@ -201,3 +201,23 @@ def test_cancel_retires_a_running_request_and_drops_a_waiting_one(tiny):
     c = engine.cancel("running")
     assert c.finish_reason == "cancelled" and len(c.token_ids) == 2 and c.stats.shape[0] == 2
     assert not engine.has_work()
+
+
+def test_injected_logit_faults_are_counted_and_generation_goes_on(tiny):
+    from softwatch.engine import FAULTY_LOGITS
+
+    engine = Engine(tiny)
+    params = DecodingParams(temperature=1.0, max_tokens=6, seed=1, ignore_eos=True)
+    ids = {fault: engine.submit("abc", params, fault=fault) for fault in ("nonfinite", "overflow", None)}
+    done = {}
+    while engine.has_work():
+        done.update({c.request_id: c for c in engine.step()})
+    for fault, rid in ids.items():
+        c = done[rid]
+        assert c.finish_reason == "length" and len(c.token_ids) == 6
+        assert c.summary["nonfinite"] == (6 * FAULTY_LOGITS if fault == "nonfinite" else 0)
+        assert c.summary["overflow"] >= (6 * FAULTY_LOGITS if fault == "overflow" else 0)
+        if fault:
+            assert not set(c.token_ids) & set(range(FAULTY_LOGITS))  # the corrupted logits are never sampled
+    with pytest.raises(InvalidRequest, match="inject_fault"):
+        engine.submit("abc", params, fault="gamma-rays")

@@ -167,6 +167,12 @@ def test_drift_monitor_reports_the_config_push_over_http(service, client):
     assert httpx.get(reports).status_code == 401
 
 
+def test_fault_injection_is_refused_unless_allowed(service):
+    r = httpx.post(f"{service['url']}/v1/completions", json={"prompt": "x", "softwatch": {"inject_fault": "nonfinite"}},
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "softwatch.inject_fault"
+
+
 def test_deploy_files_are_valid_serve_configs():
     from pathlib import Path
 

@@ -240,6 +240,7 @@ class Ingress:
 
     async def _respond(self, body, specs: list[dict], model: str, chat: bool):
         stats = bool(body.softwatch and body.softwatch.stats)
+        fault = body.softwatch.inject_fault if body.softwatch else None
         calls = []
         for p, spec in enumerate(specs):
             for i in range(body.n):
@@ -247,7 +248,7 @@ class Ingress:
                 if body.seed is not None:
                     params["seed"] = body.seed + i
                 calls.append({**spec, "params": params, "request_id": new_id("seq"), "stream": body.stream,
-                              "stats": stats, "index": p * body.n + i})
+                              "stats": stats, "index": p * body.n + i, "fault": fault})
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)

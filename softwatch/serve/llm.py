@@ -90,6 +90,10 @@ class LLMServer:
         except TypeError as exc:
             yield {"type": "error", "status": 400, "param": None, "message": str(exc)}
             return
+        if spec.get("fault") and not self.fault:
+            yield {"type": "error", "status": 400, "param": "softwatch.inject_fault",
+                   "message": "fault injection is off on this deployment (set allow_fault_injection)"}
+            return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         put = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
@@ -171,7 +175,8 @@ class LLMServer:
         _, rid, spec, params, on_token, put = command
         prompt = spec.get("messages") or spec.get("prompt")
         try:
-            self.engine.submit(prompt, params, chat="messages" in spec, request_id=rid, on_token=on_token)
+            self.engine.submit(prompt, params, chat="messages" in spec, request_id=rid, on_token=on_token,
+                               fault=spec.get("fault"))
         except InvalidRequest as exc:
             put(("error", 400, exc.field, str(exc)))
             return

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class SoftwatchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     stats: bool = False  # return the per-token statistics and the sequence summary
+    # corrupt this request's logits (drills of the alerting path); refused unless the
+    # deployment sets allow_fault_injection
+    inject_fault: Literal["nonfinite", "overflow"] | None = None
 
 
 class StreamOptions(BaseModel):
