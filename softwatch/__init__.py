@@ -1,0 +1,10 @@
+"""softwatch: exact softmax statistics of LLM decoding, stored, exported and watched for drift."""
+
+
+def __getattr__(name: str):
+    # `softwatch.instrument` without importing torch for every `softwatch` command
+    if name == "instrument":
+        from .instrument import instrument
+
+        return instrument
+    raise AttributeError(f"module 'softwatch' has no attribute {name!r}")

@@ -64,7 +64,7 @@ def run(opts: DemoOptions) -> int:
     data = os.path.abspath(opts.data)
     half = max(1, opts.requests // 2)
     say(f"starting a local Ray cluster ({os.cpu_count()} CPUs)")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         say(f"deploying the Serve app on {opts.model} (the first run converts the model once, ~30 s)")
         args = {"model": opts.model, "data": data, "metrics": "prometheus", "max_batch": 32,

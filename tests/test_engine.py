@@ -221,3 +221,21 @@ def test_injected_logit_faults_are_counted_and_generation_goes_on(tiny):
             assert not set(c.token_ids) & set(range(FAULTY_LOGITS))  # the corrupted logits are never sampled
     with pytest.raises(InvalidRequest, match="inject_fault"):
         engine.submit("abc", params, fault="gamma-rays")
+
+
+def test_instrumented_generate_matches_the_engine(tiny, tmp_path):
+    import softwatch
+    from softwatch.store import Store
+
+    watch = softwatch.instrument(tiny.model, tiny.tokenizer, model_id="tiny", data=str(tmp_path))
+    inputs = tiny.tokenizer(["hello there", "hello there"], return_tensors="pt")
+    sequences = watch.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert sequences.shape == (2, inputs["input_ids"].shape[1] + 6)
+    (c, _) = watch.completions
+    reference = Engine(tiny).generate(["hello there"], DecodingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert c.token_ids == reference.token_ids
+    assert torch.allclose(c.stats, reference.stats, atol=1e-4)
+    assert c.summary["perplexity"] == pytest.approx(reference.summary["perplexity"], rel=1e-4)
+    assert c.regime["params_id"] == reference.regime["params_id"]  # greedy: the same regime as the engine's
+    watch.close()
+    assert Store(str(tmp_path)).rows("SELECT count(*) AS n FROM tokens") == [{"n": 12}]
