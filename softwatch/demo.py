@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import signal
 import sys
 import time
 import urllib.request
@@ -60,6 +62,8 @@ def run(opts: DemoOptions) -> int:
     from .serve.app import run as deploy
     from .store import Store
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo narrates its own steps
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     os.makedirs(opts.data, exist_ok=True)
     data = os.path.abspath(opts.data)
     half = max(1, opts.requests // 2)
@@ -133,6 +137,10 @@ def run(opts: DemoOptions) -> int:
         say("shutting down (finishing in-flight requests, flushing records)")
         serve.shutdown()
         ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _traffic(url: str, prompts: list[str], indices: range, opts: DemoOptions) -> bool:

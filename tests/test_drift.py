@@ -281,3 +281,21 @@ scrape_configs:
             assert float(score["value"][1]) >= 0.1
     finally:
         telemetry.shutdown()
+
+
+def test_bench_drift_quick_reports_every_key(tmp_path, capsys):
+    """The CI-sized run on the default model: the keys and their ranges, not the figures (those
+    need the full run; see the README)."""
+    assert main(["bench", "drift", "--quick", "--json", "--data", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    changes = {"temperature_0.7_to_0.8", "top_p_0.9_to_0.7", "weights_int8", "template_v1_to_v2"}
+    assert 0 <= result["false_alarm_rate"] <= 1 and set(result["detection_rate"]) == changes
+    assert set(result["median_delay_sequences"]) == changes
+    for level in ("sequences", "tokens"):
+        assert set(result["evidently"][level]["detection_rate"]) == changes
+        assert 0 <= result["evidently"][level]["false_alarm_rate"] <= 1
+    (size,) = result["sizes"].values()
+    assert size["always_alarm"]["false_alarm_rate"]["rate"] == 1
+    assert size["softwatch"]["false_alarm_rate"]["trials"] == result["plan"]["null_trials"]
+    assert result["probes"]["detection_rate"]["weights_int8"]["rate"] == 1.0  # deterministic: any change shows
+    assert list(tmp_path.glob("bench-drift/pool-base-*.npz"))  # pools are cached for the next run

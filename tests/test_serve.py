@@ -125,7 +125,14 @@ def test_concurrent_clients_each_get_one_sequence_row_and_config_push_changes_pa
     old_params = {p for _, _, p in before}
     assert len(old_params) == 1
 
+    from ray import serve
+
+    from softwatch.serve.app import APP_NAME
+
+    llm = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    pid = llm.info.remote().result()["pid"]
     run({**service["args"], "defaults": {"temperature": 1.0, "max_tokens": 8}}, port=service["port"])  # config push
+    assert llm.info.remote().result()["pid"] == pid  # reconfigured in place, not restarted
     after = [one(i) for i in range(4)]
     new_params = {p for _, _, p in after}
     assert len(new_params) == 1 and new_params != old_params

@@ -4,6 +4,7 @@ config) and the local runner behind `softwatch serve`."""
 from __future__ import annotations
 
 import os
+import time
 
 from ray import serve
 from ray.serve import Application
@@ -76,7 +77,41 @@ def args_from_config(path: str) -> tuple[dict, dict]:
     return args, dict(config.get("http_options") or {})
 
 
-def run(args: dict, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False):
-    """Deploy on the connected Ray cluster with an HTTP proxy on host:port."""
+def run(args: dict, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False, timeout_s: float = 600):
+    """Deploy on the connected Ray cluster with an HTTP proxy on host:port, the way
+    `serve deploy` does (a declarative config naming `build_app`), so that running it again
+    with other `defaults` or `drift` settings is a lightweight `user_config` update: the
+    replicas are reconfigured in place, not restarted."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    build_app(args)  # refuse bad args here, with the message, before the controller sees them
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)
+    app_args = {k: v for k, v in args.items() if k not in ("defaults", "drift", "deployments")}
+    overrides = dict(args.get("deployments") or {})
+    llm, monitor = overrides.pop("LLMServer", {}), overrides.pop("DriftMonitor", {})
+    deployments = [{**llm, "name": "LLMServer", "user_config": dict(args.get("defaults") or llm.get("user_config") or {})}]
+    if args.get("data"):
+        deployments.append({**monitor, "name": "DriftMonitor",
+                            "user_config": dict(args.get("drift") or monitor.get("user_config") or {})})
+    deployments += [{**options, "name": name} for name, options in overrides.items()]
+    config = {"applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:build_app",
+                                "args": app_args, "deployments": deployments}]}
+    _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config))
+    _wait_until_running(timeout_s)
+    if blocking:
+        while True:
+            time.sleep(1)
+
+
+def _wait_until_running(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(APP_NAME)
+        status = str(getattr(app, "status", "")) if app else ""
+        if status.endswith("RUNNING"):
+            return
+        if status.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
+            message = getattr(app, "message", "") if app else "the application never appeared"
+            raise RuntimeError(f"the softwatch app did not start ({status or 'no status'}): {message}")
+        time.sleep(0.5)
