@@ -55,6 +55,19 @@ def prometheus(config: str, workdir: Path, rule_files: list[str] = ()):
         log.close()
 
 
+def file_sd_config(targets_dir: Path) -> str:
+    """A Prometheus config scraping every softwatch process registered under `targets_dir`, each second."""
+    return f"""
+global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: softwatch
+    file_sd_configs:
+      - files: ["{targets_dir}/*.json"]
+        refresh_interval: 1s
+"""
+
+
 def query(url: str, promql: str) -> list[dict]:
     """The result vector of an instant query."""
     body = urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}", timeout=10).read()

@@ -251,7 +251,7 @@ def test_probe_rescoring_in_another_batch_composition_is_no_drift(tiny):
 def test_the_alarm_gauge_reaches_a_real_prometheus(tmp_path):
     from softwatch.telemetry import TARGETS_DIR, Telemetry
 
-    from .prometheus import prometheus, query
+    from .prometheus import file_sd_config, prometheus, query
 
     write_regime(tmp_path / "data", 300, params_id="p-old", temperature=0.7, start=START, seed=11)
     write_regime(tmp_path / "data", 300, params_id="p-new", temperature=1.0, start=START + timedelta(hours=1),
@@ -260,15 +260,7 @@ def test_the_alarm_gauge_reaches_a_real_prometheus(tmp_path):
     try:
         report = Monitor(str(tmp_path / "data"), telemetry=telemetry).run()
         assert report.verdict == "drift"
-        config = f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: softwatch
-    file_sd_configs:
-      - files: ["{tmp_path / 'data' / TARGETS_DIR}/*.json"]
-        refresh_interval: 1s
-"""
+        config = file_sd_config(tmp_path / "data" / TARGETS_DIR)
         with prometheus(config, tmp_path / "prometheus") as url:
             deadline = time.time() + 60
             while not (alarms := query(url, 'softwatch_drift_alarm{kind="regime"} == 1')) and time.time() < deadline:

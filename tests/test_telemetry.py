@@ -12,7 +12,7 @@ from softwatch.engine import Completion
 from softwatch.records import RecordContext
 from softwatch.telemetry import BUCKETS, TARGETS_DIR, Telemetry
 
-from .prometheus import prometheus, query
+from .prometheus import file_sd_config, prometheus, query
 
 REGIME = {"model_id": "m", "model_rev": "abc123", "params_id": "p1", "temperature": 0.7, "top_p": 0.9, "top_k": 0,
           "template_version": "v1"}
@@ -138,15 +138,7 @@ def test_real_prometheus_scrapes_two_processes_found_through_file_sd(tmp_path):
         names = {line.split("{")[0].split(" ")[0] for line in exposed.splitlines()
                  if line.startswith(("softwatch_", "gen_ai_"))}
         assert len(names) >= 20
-        config = f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: softwatch
-    file_sd_configs:
-      - files: ["{tmp_path / 'data' / TARGETS_DIR}/*.json"]
-        refresh_interval: 1s
-"""
+        config = file_sd_config(tmp_path / "data" / TARGETS_DIR)
         with prometheus(config, tmp_path / "prometheus") as url:
             deadline = time.time() + 90
             while True:
