@@ -1,7 +1,7 @@
 """The HTML drift report: one self-contained file (images inlined, no scripts, no network)
-with the verdict table of the latest drift report, baseline vs current distributions of
-every metric it compared, and the time series of the sequence metrics with regime changes
-marked."""
+with the verdict table of a fresh monitor run over the store, baseline vs current
+distributions of every metric it compared, and the time series of the sequence metrics with
+regime changes marked."""
 
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ TIME_SERIES = ("mean_entropy", "log_perplexity", "mean_top_prob")
 
 
 def render(monitor: Monitor, out: str) -> str:
-    """Write the report of the latest drift report in the store (running the monitor first
-    when there is none) to `out`; returns the verdict."""
+    """Run the monitor (its report is written to drift_reports as usual) and write its HTML
+    rendering to `out`; returns the verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
-    rows = _latest_rows(monitor)
-    if not rows:
-        rows = monitor.run().rows
+    rows = monitor.run().rows
     verdict = "drift" if any(r["verdict"] == "drift" for r in rows) else (
         "no_drift" if any(r["verdict"] == "no_drift" for r in rows) else "insufficient_data")
     regimes = monitor.regimes()
@@ -59,14 +57,6 @@ STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;col
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td.l{text-align:left}.drift{color:#b00020}.no_drift{color:#1b7f3b}
 .insufficient_data{color:#777}img{max-width:100%}"""
-
-
-def _latest_rows(monitor: Monitor) -> list[dict]:
-    latest = monitor.store.rows("SELECT report_id FROM drift_reports WHERE kind != 'probe' ORDER BY ts DESC LIMIT 1")
-    if not latest:
-        return []
-    return monitor.store.rows("SELECT * EXCLUDE (dt) FROM drift_reports WHERE report_id = ? ORDER BY kind, metric, test",
-                              [latest[0]["report_id"]])
 
 
 def _verdict_table(rows: list[dict]) -> str:
