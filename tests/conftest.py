@@ -27,6 +27,8 @@ def ray_cluster():
     """One local Ray cluster for the whole test session."""
     import ray
 
+    import softwatch.serve  # noqa: F401 - its Serve settings, before the cluster starts
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     from ray import serve
