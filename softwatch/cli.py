@@ -577,6 +577,9 @@ def _serve(args) -> int:
             ray.init(include_dashboard=False)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    # Ctrl-C must stop the service even when this process inherited SIGINT as ignored (a
+    # background job of a non-interactive shell does), in which case Python never raises it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(app_args, host=host, port=port)
         print(f"serving on http://{host}:{port}/v1  (OpenAI-compatible; GET /healthz)", flush=True)

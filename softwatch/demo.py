@@ -64,6 +64,7 @@ def run(opts: DemoOptions) -> int:
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo narrates its own steps
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where SIGINT was inherited as ignored
     os.makedirs(opts.data, exist_ok=True)
     data = os.path.abspath(opts.data)
     half = max(1, opts.requests // 2)

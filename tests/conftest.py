@@ -1,3 +1,4 @@
+import importlib
 import os
 
 # Nothing may be fetched at test time: an unknown hub id must fail at once, not after retries.
@@ -27,7 +28,7 @@ def ray_cluster():
     """One local Ray cluster for the whole test session."""
     import ray
 
-    import softwatch.serve  # noqa: F401 - its Serve settings, before the cluster starts
+    importlib.import_module("softwatch.serve")  # its Serve settings, before the cluster starts
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield

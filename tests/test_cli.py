@@ -102,6 +102,7 @@ def test_compact_prints_a_summary(tmp_path):
 def test_serve_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
     import signal
     import socket
+    import threading
 
     import httpx
 
@@ -121,6 +122,8 @@ def test_serve_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
             assert line, f"softwatch serve exited: {lines}"
             lines.append(line)
         assert f"http://127.0.0.1:{port}/v1" in lines[-1]
+        # keep reading: Ray forwards the replicas' output to the driver, and a full pipe would block it
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "tiny-random-0", "prompt": "hi",
                        "max_tokens": 3}, headers={"Authorization": "Bearer k"}, timeout=120)
         assert r.status_code == 200, r.text
