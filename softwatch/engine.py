@@ -312,8 +312,7 @@ class Engine:
         mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
                             device=device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                            use_cache=True, logits_to_keep=1)
+        logits, cache = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions)
         params = RowParams(
             temperature=tuple(float(s.params.temperature) for s in seqs),
             top_k=tuple(s.params.top_k for s in seqs),
@@ -325,20 +324,29 @@ class Engine:
         stats = torch.empty(len(seqs), cap, len(FIELDS), device=device) if self.instrument else None
         steps = torch.zeros(len(seqs), dtype=torch.long, device=device)
         if self._rows:
-            self._merge(seqs, out.past_key_values, mask, params, steps, stats)
+            self._merge(seqs, cache, mask, params, steps, stats)
         else:
-            self._rows, self._cache, self._mask, self._params = list(seqs), out.past_key_values, mask, params
+            self._rows, self._cache, self._mask, self._params = list(seqs), cache, mask, params
             self._steps, self._stats = steps, stats
         first = len(self._rows) - len(seqs)
-        return self._advance(out.logits[:, -1], slice(first, None))
+        return self._advance(logits, slice(first, None))
 
     def _decode(self) -> list[Completion]:
         mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         positions = (mask.sum(dim=1, keepdim=True) - 1)
-        out = self.lm.model(input_ids=self._last[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=self._cache, use_cache=True)
+        logits, self._cache = self._forward(input_ids=self._last[:, None], attention_mask=mask,
+                                            position_ids=positions, past_key_values=self._cache)
         self._mask = mask
-        return self._advance(out.logits[:, -1], slice(None))
+        return self._advance(logits, slice(None))
+
+    def _forward(self, **inputs) -> tuple[torch.Tensor, object]:
+        """The [B, V] logits of each row's last position, and the KV cache."""
+        model = self.lm.model
+        if type(model).__name__ in PLAIN_HEAD_MODELS:
+            out = model.get_decoder()(**inputs, use_cache=True)
+            return head_logits(out.last_hidden_state[:, -1], model.get_output_embeddings().weight), out.past_key_values
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], out.past_key_values
 
     def _advance(self, logits: torch.Tensor, rows: slice) -> list[Completion]:
         """Sample the rows' next tokens, record their statistics, and retire finished rows."""
@@ -464,6 +472,20 @@ class Engine:
         if self.instrument:
             cap = max(self._stats.shape[1], stats.shape[1])
             self._stats = torch.cat([_right_pad(self._stats, cap), _right_pad(stats, cap)])
+
+
+PLAIN_HEAD_MODELS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+"""Causal LMs whose logits are exactly a bias-free lm_head applied to the decoder's last hidden
+state, so the engine can run the head itself."""
+
+
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [B, H] @ weight[V, H].T. On the CPU as (weight @ hidden.T).T: for a few rows MKL's
+    GEMM reads the [V, H] weight about twice as fast in that orientation (SmolLM2's head at
+    batch 8: 15 ms instead of 23.5 ms, a sixth of a decode step)."""
+    if hidden.is_cuda:
+        return torch.nn.functional.linear(hidden, weight)
+    return torch.mm(weight, hidden.t()).t().contiguous()
 
 
 FAULTS = ("nonfinite", "overflow")

@@ -97,31 +97,31 @@ def _pi_differs(rows: RowParams) -> bool:
     return rows.any_filtered or any(t not in (0.0, 1.0) for t in rows.temperature)
 
 
-def _ones_where_positive(v: torch.Tensor) -> torch.Tensor:
-    """1.0 where v > 0 else 0.0, in place; float ops only (bool reductions are ~10x slower on CPU)."""
-    return v.clamp_(min=0).sign_()
+def _clean(raw: torch.Tensor, m: torch.Tensor, overflow_bound: float) -> bool:
+    """CPU only: are all logits finite and within the overflow bound? `m` is the row maxima,
+    NaN or +Inf wherever a row holds one (amax propagates NaN); -Inf shows in the minimum."""
+    return bool(m.max() <= overflow_bound and raw.amin() >= -overflow_bound)
 
 
-def _clean(raw: torch.Tensor, overflow_bound: float) -> bool:
-    """CPU only: are all logits finite and within the overflow bound? Three cheap reductions."""
-    return bool(
-        torch.isfinite(raw.sum(dim=1)).all()
-        and raw.amax() <= overflow_bound
-        and raw.amin() >= -overflow_bound
-    )
+def _count_above(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per row, how many x exceed threshold [B, 1], as float32. The comparison is written as
+    0/1 floats: a float sum is several times faster than a bool reduction on the CPU."""
+    return torch.gt(x, threshold, out=torch.empty_like(x)).sum(dim=1)
 
 
 def _tail(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From e = exp(x - max x): the sum without one argmax term, and the second-largest e.
 
-    The argmax terms are exactly 1 and the only ones that floor to 1: subtracting floor(e)
-    drops them and keeps every other term exactly, and floor(e) counts the ties.
+    The argmax terms are exactly 1 and the only ones whose fractional part is 0 (every e is
+    positive): frac(e) keeps every other term exactly. The number of ones is the difference
+    of the two sums, an integer up to rounding far below 0.5 (the sums are below the vocabulary
+    size, in fp32 with 24 bits).
     """
-    ones = torch.floor(e)
-    rest = e - ones
-    extra_ties = ones.sum(dim=1) - 1.0
+    rest = torch.frac(e)
+    rest_sum = rest.sum(dim=1)
+    extra_ties = torch.round(e.sum(dim=1) - rest_sum) - 1.0
     second = torch.where(extra_ties > 0, 1.0, rest.amax(dim=1))
-    return rest.sum(dim=1) + extra_ties, second
+    return rest_sum + extra_ties, second
 
 
 def torch_softmax_stats(
@@ -131,27 +131,30 @@ def torch_softmax_stats(
     keep_min: torch.Tensor,
     overflow_bound: float = OVERFLOW_BOUND,
 ) -> torch.Tensor:
-    """The PyTorch path: a few passes over [B, V], fewer still for a clean batch on the CPU."""
+    """The PyTorch path: a dozen memory-bound passes over [B, V], fewer for a clean CPU batch."""
     raw = logits.float()
     y = tokens.long()[:, None]
-    if not raw.is_cuda and _clean(raw, overflow_bound):
+    m = raw.amax(dim=1, keepdim=True)
+    clean = not raw.is_cuda and _clean(raw, m, overflow_bound)
+    if clean:
         x = raw
         nonfinite = overflow = raw.new_zeros(raw.shape[0])
     else:
         x = sanitize(raw)
+        m = x.amax(dim=1, keepdim=True)
         nonfinite = torch.nan_to_num_(raw - raw, nan=1.0).sum(dim=1)
         # |x| > bound also holds for the fill value of every non-finite entry.
-        overflow = _ones_where_positive(x.abs().sub_(overflow_bound)).sum(dim=1) - nonfinite
+        overflow = _count_above(x.abs(), torch.tensor([[overflow_bound]], device=x.device)) - nonfinite
 
-    m = x.amax(dim=1, keepdim=True)
     x_y = x.gather(1, y)
-    rank = _ones_where_positive(x - x_y).sum(dim=1)
+    rank = _count_above(x, x_y)
     d_y = torch.where(x_y > NONFINITE_FILL, x_y - m, float("-inf")).squeeze(1)  # a non-finite y: log 0
-    d = (x - m).clamp_(min=EXP_FLOOR)
+    shifted = x - m
+    d = torch.clamp(shifted, min=EXP_FLOOR)
     e = torch.exp(d)
     s, second = _tail(e)
     log1p_s = torch.log1p(s)
-    entropy = log1p_s - (d * e).sum(dim=1) / (1.0 + s)
+    entropy = log1p_s - d.mul_(e).sum(dim=1) / (1.0 + s)  # d is spent
     top_prob = 1.0 / (1.0 + s)
     margin = (1.0 - second) * top_prob
     logprob = d_y - log1p_s
@@ -159,28 +162,33 @@ def torch_softmax_stats(
     temperature = rows.temperature_t
     if _pi_differs(rows):
         # The sampling distribution: the same reduction on z = (x - m) / T over the sampling set.
+        # z scales the unclamped differences: a floor applied before dividing by T > 1 would
+        # lift far-off tokens above EXP_FLOOR.
         inv_t = inverse_temperature(temperature)
-        z = d.mul_(inv_t[:, None]).clamp_(min=EXP_FLOOR)  # d is spent
-        if rows.any_filtered:
-            z = torch.where(x < keep_min[:, None], EXP_FLOOR, z)
+        z = shifted.mul_(inv_t[:, None])
+        if rows.any_filtered:  # push tokens outside the set to the floor; arithmetic beats masked_fill
+            z.add_(torch.lt(x, keep_min[:, None], out=d), alpha=-1e30)
+        z.clamp_(min=EXP_FLOOR)
         ez = torch.exp(z)
         sz = _tail(ez)[0]
         log1p_sz = torch.log1p(sz)
-        sampling_entropy = log1p_sz - (z * ez).sum(dim=1) / (1.0 + sz)
+        sampling_entropy = log1p_sz - z.mul_(ez).sum(dim=1) / (1.0 + sz)
         in_set = x_y.squeeze(1) >= keep_min
         sampling_logprob = torch.where(in_set, d_y * inv_t - log1p_sz, float("-inf"))
     else:  # every sampled row has pi = q
         sampling_entropy, sampling_logprob = entropy, logprob
-    greedy = temperature <= 0
-    sampling_entropy = torch.where(greedy, 0.0, sampling_entropy)
-    sampling_logprob = torch.where(greedy, torch.where(d_y == 0, 0.0, float("-inf")), sampling_logprob)
+    if any(t <= 0 for t in rows.temperature):
+        greedy = temperature <= 0
+        sampling_entropy = torch.where(greedy, 0.0, sampling_entropy)
+        sampling_logprob = torch.where(greedy, torch.where(d_y == 0, 0.0, float("-inf")), sampling_logprob)
 
     out = torch.stack(
         [entropy, sampling_entropy, top_prob, margin, logprob, sampling_logprob, rank,
          m.squeeze(1), nonfinite, overflow],
         dim=1,
     )
+    if clean:
+        return out
     dead = m <= NONFINITE_FILL  # every logit non-finite: no distribution to describe
-    counts = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device)
-    counts[[COLUMN["nonfinite"], COLUMN["overflow"]]] = True
-    return torch.where(dead & ~counts, float("nan"), out)
+    described = torch.tensor([name not in ("nonfinite", "overflow") for name in FIELDS], device=out.device)
+    return torch.where(dead & described, float("nan"), out)

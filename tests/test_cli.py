@@ -60,6 +60,7 @@ def test_bench_decode_reports_every_figure():
                 "vs_hf_ratio", "stats_ms", "naive_stats_ms", "one_read_ms", "device"]:
         assert key in out
     assert all(out[k] > 0 for k in ["instrumented_tok_s", "plain_tok_s", "stats_ms", "one_read_ms"])
+    assert out["same_tokens"] is True  # greedy: the engines and transformers decoded the same tokens
     assert [s["shape"] for s in out["stats_shapes"]] == [[32, 259], [64, 128256]]
 
 

@@ -80,6 +80,18 @@ def test_extreme_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_high_temperature_over_logits_wider_than_the_exp_floor(backend):
+    # x - max x reaches -600: at T = 50 those tokens weigh exp(-12), not exp(-87 / 50)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.rand(4, 2000, generator=g) * 600 - 300
+    tokens = torch.randint(0, 2000, (4,), generator=g)
+    t, k, p = [50.0, 1000.0, 50.0, 3.0], [0, 0, 0, 0], [1.0, 1.0, 0.5, 1.0]
+    rows = RowParams(tuple(t), tuple(k), tuple(p), tuple(range(4)))
+    tokens = sample(sanitize(logits), rows, torch.zeros(4, dtype=torch.long))
+    assert_matches(run(logits, tokens, t, k, p, backend), reference_stats(logits, tokens, t, k, p))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_peaked_distribution_keeps_relative_precision(backend):
     # top_prob ~ 1 - 1e-6: entropy ~ 1e-5 must still be exact to 1e-5 relative
     logits = torch.zeros(2, 1000)

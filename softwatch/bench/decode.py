@@ -7,6 +7,7 @@ import statistics
 import time
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from ..engine import DecodingParams, Engine, keep_freed_memory
 from ..models import LoadedModel
@@ -90,6 +91,57 @@ def _left_padded(lm: LoadedModel, prompts: list[str]) -> dict:
     return tok(prompts, return_tensors="pt", padding=True).to(lm.device)
 
 
+class _EngineRun:
+    """One engine generating the benchmark prompts, driven a step at a time and timed per step."""
+
+    def __init__(self, engine: Engine, prompts: list[str], params: DecodingParams):
+        self.engine, self.prompts, self.params = engine, prompts, params
+        self.seconds = 0.0
+        self.tokens: dict[str, list[int]] = {}  # request id -> generated token ids
+
+    def start(self) -> None:
+        self.ids = [self.engine.submit(p, self.params) for p in self.prompts]
+
+    def step(self) -> None:
+        if self.engine.has_work():
+            _sync(self.engine.lm.device)
+            t = time.perf_counter()
+            done = self.engine.step()
+            _sync(self.engine.lm.device)
+            self.seconds += time.perf_counter() - t
+            self.tokens.update((c.request_id, c.token_ids) for c in done)
+
+    def token_ids(self) -> list[list[int]]:
+        return [self.tokens[i] for i in self.ids]
+
+    def finish(self) -> None:
+        while self.engine.has_work():
+            self.step()
+
+
+class _Lockstep(BaseStreamer):
+    """Steps the engine runs each time `generate` emits a token (transformers calls a streamer
+    once per decode step), so all variants run interleaved a step apart, under the same machine
+    conditions: this VM's speed drifts by 10-15% over seconds, which swamps a 3% difference
+    between runs made one after another. `seconds` is the time spent here, not in generate."""
+
+    def __init__(self, runs: list[_EngineRun]):
+        self.runs = runs
+        self.seconds = 0.0
+
+    def put(self, value) -> None:
+        t = time.perf_counter()
+        for run in self.runs:
+            run.step()
+        self.seconds += time.perf_counter() - t
+
+    def end(self) -> None:
+        t = time.perf_counter()
+        for run in self.runs:
+            run.finish()
+        self.seconds += time.perf_counter() - t
+
+
 def decode(
     lm: LoadedModel,
     batch: int = 8,
@@ -99,11 +151,15 @@ def decode(
     repeats: int = 3,
     progress=None,
 ) -> dict:
-    """The decode figures of issue 2, each the median of `repeats` interleaved runs."""
+    """The decode figures of issue 2. Each repeat runs transformers `generate` twice (plain, then
+    with `output_logits` and the statistics computed afterwards), and during each of them the
+    instrumented and the plain engine decode the same prompts a step at a time in lockstep.
+    Engine tok/s and `overhead_ratio` are over all rounds; the ratios to transformers pair each
+    generate with the instrumented engine's steps that ran alongside it."""
     keep_freed_memory()
     prompts = [BENCH_PROMPTS[i % len(BENCH_PROMPTS)] for i in range(batch)]
     params = DecodingParams(temperature=temperature, top_p=top_p, max_tokens=new_tokens, seed=0, ignore_eos=True)
-    instrumented, plain = Engine(lm, max_batch=batch), Engine(lm, max_batch=batch, instrument=False)
+    engines = {"instrumented": Engine(lm, max_batch=batch), "plain": Engine(lm, max_batch=batch, instrument=False)}
     inputs = _left_padded(lm, prompts)
     sampled = temperature > 0
     hf_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sampled,
@@ -111,36 +167,54 @@ def decode(
     if sampled:
         hf_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
 
-    def run_hf_scores():
-        out = lm.model.generate(**inputs, **hf_kwargs, output_logits=True, return_dict_in_generate=True)
+    def hf_generate(streamer):
+        return lm.model.generate(**inputs, **hf_kwargs, streamer=streamer)
+
+    def hf_scores(streamer):
+        out = lm.model.generate(**inputs, **hf_kwargs, streamer=streamer, output_logits=True,
+                                return_dict_in_generate=True)
         new = out.sequences[:, inputs["input_ids"].shape[1]:]
         for step, logits in enumerate(out.logits):
             naive_stats(logits, new[:, step], temperature, top_p)
+        return out.sequences
 
-    variants = {
-        "instrumented": lambda: instrumented.generate(prompts, params),
-        "plain": lambda: plain.generate(prompts, params),
-        "hf_generate": lambda: lm.model.generate(**inputs, **hf_kwargs),
-        "hf_scores": run_hf_scores,
-    }
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    # rounds[i][hf_name]: seconds of that generate and of each engine decoding alongside it
+    rounds: list[dict[str, dict[str, float]]] = []
+    same_tokens = True
     with torch.inference_mode():
-        for name, fn in variants.items():  # warm-up
-            fn()
-        for r in range(repeats):
-            for name, fn in variants.items():
+        for r in range(repeats + 1):  # the first is a warm-up
+            this = {}
+            for hf_name, hf_run in (("hf_generate", hf_generate), ("hf_scores", hf_scores)):
+                order = ["instrumented", "plain"] if hf_name == "hf_generate" else ["plain", "instrumented"]
+                runs = {name: _EngineRun(engines[name], prompts, params) for name in order}
+                lockstep = _Lockstep([runs[name] for name in order])
+                for run in runs.values():
+                    run.start()
                 _sync(lm.device)
                 t = time.perf_counter()
-                fn()
+                sequences = hf_run(lockstep)
                 _sync(lm.device)
-                times[name].append(time.perf_counter() - t)
-                if progress:
-                    progress(f"repeat {r + 1}/{repeats}: {name} {times[name][-1]:.2f}s")
+                outputs = [runs[name].token_ids() for name in engines]
+                if not sampled:  # transformers draws other samples than softwatch's sampler
+                    outputs.append(sequences[:, inputs["input_ids"].shape[1]:].tolist())
+                same_tokens = same_tokens and all(o == outputs[0] for o in outputs)
+                this[hf_name] = {"hf": time.perf_counter() - t - lockstep.seconds,
+                                 **{name: run.seconds for name, run in runs.items()}}
+            if r == 0:
+                continue
+            rounds.append(this)
+            if progress:
+                progress(f"repeat {r}/{repeats}: " + "; ".join(
+                    f"{hf_name} {v['hf']:.2f}s alongside instrumented {v['instrumented']:.2f}s, plain {v['plain']:.2f}s"
+                    for hf_name, v in this.items()))
         stats_shapes = [stats_pass(lm.device, 32, lm.vocab_size, temperature or 1.0, top_p),
                         stats_pass(lm.device, 64, 128256, temperature or 1.0, top_p)]
-    seconds = {name: statistics.median(v) for name, v in times.items()}
-    tokens = batch * new_tokens
-    tok_s = {name: tokens / s for name, s in seconds.items()}
+
+    def total(hf_name: str, variant: str) -> float:
+        return sum(r[hf_name][variant] for r in rounds)
+
+    tokens = batch * new_tokens * repeats
+    engine_s = {name: total("hf_generate", name) + total("hf_scores", name) for name in engines}
     return {
         "model": lm.model_id,
         "device": _device_name(lm.device),
@@ -150,12 +224,19 @@ def decode(
         "new_tokens": new_tokens,
         "temperature": temperature,
         "top_p": top_p,
-        "instrumented_tok_s": tok_s["instrumented"],
-        "plain_tok_s": tok_s["plain"],
-        "hf_generate_tok_s": tok_s["hf_generate"],
-        "hf_scores_tok_s": tok_s["hf_scores"],
-        "overhead_ratio": seconds["instrumented"] / seconds["plain"],
-        "vs_hf_ratio": tok_s["instrumented"] / tok_s["hf_generate"],
+        "repeats": repeats,
+        "same_tokens": same_tokens,  # in every round the engines' tokens agree (and transformers', if greedy)
+        "instrumented_tok_s": 2 * tokens / engine_s["instrumented"],
+        "plain_tok_s": 2 * tokens / engine_s["plain"],
+        "hf_generate_tok_s": tokens / total("hf_generate", "hf"),
+        "hf_scores_tok_s": tokens / total("hf_scores", "hf"),
+        "overhead_ratio": engine_s["instrumented"] / engine_s["plain"],
+        # paired with the instrumented steps that ran alongside each generate
+        "vs_hf_ratio": total("hf_generate", "hf") / total("hf_generate", "instrumented"),
+        "vs_hf_scores_ratio": total("hf_scores", "hf") / total("hf_scores", "instrumented"),
+        "overhead_ratio_per_repeat": [sum(v["instrumented"] for v in r.values()) / sum(v["plain"] for v in r.values())
+                                      for r in rounds],
+        "vs_hf_ratio_per_repeat": [r["hf_generate"]["hf"] / r["hf_generate"]["instrumented"] for r in rounds],
         "stats_ms": stats_shapes[0]["stats_ms"],
         "naive_stats_ms": stats_shapes[0]["naive_stats_ms"],
         "one_read_ms": stats_shapes[0]["one_read_ms"],
