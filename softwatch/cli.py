@@ -260,7 +260,8 @@ def _bench_decode(args) -> int:
     for key in ("instrumented_tok_s", "plain_tok_s", "hf_generate_tok_s", "hf_scores_tok_s"):
         print(f"  {key:<20} {result[key]:10.1f}")
     print(f"  {'overhead_ratio':<20} {result['overhead_ratio']:10.3f}   (instrumented time / plain time)")
-    print(f"  {'vs_hf_ratio':<20} {result['vs_hf_ratio']:10.3f}   (instrumented tok/s / HF generate tok/s)")
+    print(f"  {'vs_hf_ratio':<20} {result['vs_hf_ratio']:10.3f}   (HF generate time / instrumented time, same rounds)")
+    print(f"  {'same_tokens':<20} {str(result['same_tokens']):>10}")
     for shape in result["stats_shapes"]:
         print(f"  stats {shape['shape']}: softwatch {shape['stats_ms']:.3f} ms, naive {shape['naive_stats_ms']:.3f} ms "
               f"({shape['naive_over_stats']:.1f}x), one read {shape['one_read_ms']:.3f} ms")

@@ -147,7 +147,10 @@ def torch_softmax_stats(
         overflow = _count_above(x.abs(), torch.tensor([[overflow_bound]], device=x.device)) - nonfinite
 
     x_y = x.gather(1, y)
-    rank = _count_above(x, x_y)
+    if clean and bool((x_y >= m).all()):  # every token is its row's argmax, as in greedy decoding
+        rank = x.new_zeros(x.shape[0])
+    else:
+        rank = _count_above(x, x_y)
     d_y = torch.where(x_y > NONFINITE_FILL, x_y - m, float("-inf")).squeeze(1)  # a non-finite y: log 0
     shifted = x - m
     d = torch.clamp(shifted, min=EXP_FLOOR)

@@ -133,6 +133,7 @@ class _Lockstep(BaseStreamer):
         t = time.perf_counter()
         for run in self.runs:
             run.step()
+        self.runs.reverse()  # the step right after generate's runs slower; take turns at it
         self.seconds += time.perf_counter() - t
 
     def end(self) -> None:
@@ -185,19 +186,19 @@ def decode(
         for r in range(repeats + 1):  # the first is a warm-up
             this = {}
             for hf_name, hf_run in (("hf_generate", hf_generate), ("hf_scores", hf_scores)):
-                order = ["instrumented", "plain"] if hf_name == "hf_generate" else ["plain", "instrumented"]
-                runs = {name: _EngineRun(engines[name], prompts, params) for name in order}
-                lockstep = _Lockstep([runs[name] for name in order])
+                runs = {name: _EngineRun(engine, prompts, params) for name, engine in engines.items()}
+                lockstep = _Lockstep(list(runs.values()))
                 for run in runs.values():
                     run.start()
                 _sync(lm.device)
                 t = time.perf_counter()
                 sequences = hf_run(lockstep)
                 _sync(lm.device)
-                outputs = [runs[name].token_ids() for name in engines]
+                mine, plain = (runs[name].token_ids() for name in engines)
+                same_tokens = same_tokens and mine == plain
                 if not sampled:  # transformers draws other samples than softwatch's sampler
-                    outputs.append(sequences[:, inputs["input_ids"].shape[1]:].tolist())
-                same_tokens = same_tokens and all(o == outputs[0] for o in outputs)
+                    theirs = sequences[:, inputs["input_ids"].shape[1]:].tolist()
+                    same_tokens = same_tokens and _agree_until_eos(mine, theirs, lm.eos_token_ids)
                 this[hf_name] = {"hf": time.perf_counter() - t - lockstep.seconds,
                                  **{name: run.seconds for name, run in runs.items()}}
             if r == 0:
@@ -225,7 +226,7 @@ def decode(
         "temperature": temperature,
         "top_p": top_p,
         "repeats": repeats,
-        "same_tokens": same_tokens,  # in every round the engines' tokens agree (and transformers', if greedy)
+        "same_tokens": same_tokens,  # every round: the engines agree (and, greedy, transformers until an EOS)
         "instrumented_tok_s": 2 * tokens / engine_s["instrumented"],
         "plain_tok_s": 2 * tokens / engine_s["plain"],
         "hf_generate_tok_s": tokens / total("hf_generate", "hf"),
@@ -242,6 +243,16 @@ def decode(
         "one_read_ms": stats_shapes[0]["one_read_ms"],
         "stats_shapes": stats_shapes,
     }
+
+
+def _agree_until_eos(mine: list[list[int]], theirs: list[list[int]], eos: frozenset[int]) -> bool:
+    """Do the rows agree up to the first end-of-sequence token softwatch emitted? From there
+    they part: `ignore_eos` emits it and goes on, `min_new_tokens` makes generate pick another."""
+    for a, b in zip(mine, theirs):
+        end = next((i for i, t in enumerate(a) if t in eos), len(a))
+        if a[:end] != b[:end]:
+            return False
+    return True
 
 
 def _device_name(device: torch.device) -> str:
