@@ -144,7 +144,7 @@ def torch_softmax_stats(
         m = x.amax(dim=1, keepdim=True)
         nonfinite = torch.nan_to_num_(raw - raw, nan=1.0).sum(dim=1)
         # |x| > bound also holds for the fill value of every non-finite entry.
-        overflow = _count_above(x.abs(), torch.tensor([[overflow_bound]], device=x.device)) - nonfinite
+        overflow = _count_above(x.abs(), x.new_full((1, 1), overflow_bound)) - nonfinite
 
     x_y = x.gather(1, y)
     if clean and bool((x_y >= m).all()):  # every token is its row's argmax, as in greedy decoding
@@ -193,5 +193,5 @@ def torch_softmax_stats(
     if clean:
         return out
     dead = m <= NONFINITE_FILL  # every logit non-finite: no distribution to describe
-    described = torch.tensor([name not in ("nonfinite", "overflow") for name in FIELDS], device=out.device)
+    described = torch.arange(len(FIELDS), device=out.device) < COLUMN["nonfinite"]  # the counts come last
     return torch.where(dead & described, float("nan"), out)
