@@ -1,14 +1,18 @@
 """The statistics pass as a Triton kernel: each logit is read from device memory once.
 
-Every lane of a program keeps online accumulators over the logits it sees: its max m, the
-tail sum s = sum exp(x - m) without its max term, t = sum (x - m) exp(x - m), its second
-largest value, and the counts; the same (m, s, t) over the sampling set, with exponents
-scaled by 1 / T. When a larger value arrives the old max joins the tail:
-s' = (s + 1) e^(m - m'), t' = e^(m - m') (t + (m - m')(s + 1)). Lanes, then the programs
-that split a row's vocabulary, merge with the same rule. See stats.py for the definitions.
+A program walks its share of a row BLOCK logits at a time, keeping one running maximum m
+and, per lane and relative to m: the tail sum s of e^(x - m) over x < m, the count c of
+x = m, and t = sum (x - m) e^(x - m); the same over the sampling set with exponents scaled
+by 1 / T; the lane's two largest logits; and the counts. A block that raises m to m' moves
+the ties into the tail and rescales once, s' = (s + c) e^(m - m'),
+t' = e^(m - m') (t + (m - m')(s + c)): one exp per logit and distribution, no per-element
+merge. The programs that split a row then merge pairwise in the combine kernel, with one max
+term kept out of the tail sum throughout (see stats.py for the definitions).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -26,26 +30,24 @@ def _log1p(s):
 
 
 @triton.jit
-def _merge(m_a, s_a, t_a, m_b, s_b, t_b, scale):
-    """Merge accumulator b into a; both describe disjoint sets; exponents scaled by `scale`."""
-    up = m_b > m_a
-    hi = tl.where(up, m_b, m_a)
-    lo = tl.where(up, m_a, m_b)
-    s_lo = tl.where(up, s_a, s_b)
-    t_lo = tl.where(up, t_a, t_b)
-    s_hi = tl.where(up, s_b, s_a)
-    t_hi = tl.where(up, t_b, t_a)
-    empty = lo == float("-inf")
-    delta = tl.where(empty, 0.0, (lo - hi) * scale)
-    a = tl.where(empty, 0.0, tl.exp(delta))
-    s = s_hi + (s_lo + 1.0) * a
-    t = t_hi + a * (t_lo + delta * (s_lo + 1.0))
-    return hi, s, t
+def _inverse_temperature(temperature):
+    """1 / T, and 1 for greedy rows (T = 0) so that their arithmetic stays finite."""
+    return tl.where(temperature > 0, 1.0 / tl.maximum(temperature, 1e-30), 1.0)
+
+
+@triton.jit
+def _rescale(s, c, t, shift):
+    """Accumulators (tail sum s, max-tie count c, t) moved to a maximum `shift` (< 0) higher:
+    the ties join the tail. A factor that underflows to 0 empties them (no 0 * inf)."""
+    scale = tl.exp(shift)
+    old = s + c.to(tl.float32)
+    t = tl.where(scale > 0, scale * (t + shift * old), 0.0)
+    return scale * old, c * 0, t
 
 
 @triton.jit
 def _partial_kernel(
-    logits_ptr, stride_row, tokens_ptr, inv_t_ptr, keep_min_ptr, part_ptr,
+    logits_ptr, stride_row, tokens_ptr, temperature_ptr, keep_min_ptr, part_ptr,
     vocab, chunk, bound,
     BLOCK: tl.constexpr, SAMPLING: tl.constexpr,
 ):
@@ -53,18 +55,19 @@ def _partial_kernel(
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
     base = logits_ptr + row.to(tl.int64) * stride_row
-    inv_t = tl.load(inv_t_ptr + row)
+    inv_t = _inverse_temperature(tl.load(temperature_ptr + row))
     keep_min = tl.load(keep_min_ptr + row)
     x_y = tl.load(base + tl.load(tokens_ptr + row)).to(tl.float32)
-    x_y = tl.where((x_y == x_y) & (tl.abs(x_y) < float("inf")), x_y, float("-inf"))
+    x_y = tl.where(tl.abs(x_y) < float("inf"), x_y, float("-inf"))  # NaN compares false
 
     ninf = tl.full([BLOCK], float("-inf"), tl.float32)
     zero = tl.zeros([BLOCK], tl.float32)
-    m, s, t, second = ninf, zero, zero, ninf
-    mz, sz, tz = ninf, zero, zero
-    rank = tl.zeros([BLOCK], tl.int32)
-    nonfinite = tl.zeros([BLOCK], tl.int32)
-    overflow = tl.zeros([BLOCK], tl.int32)
+    zeros_i = tl.zeros([BLOCK], tl.int32)
+    m = tl.max(ninf, axis=0)  # the running maximum of this program's logits: one per program
+    s, c, t = zero, zeros_i, zero  # per lane, relative to m: sum of e over x < m, count of x = m, t
+    sz, cz, tz = zero, zeros_i, zero  # the same over the sampling set, exponents scaled by 1 / T
+    max1, max2 = ninf, ninf  # each lane's two largest logits
+    rank, nonfinite, overflow = zeros_i, zeros_i, zeros_i
 
     start = split * chunk
     stop = tl.minimum(start + chunk, vocab)
@@ -72,46 +75,56 @@ def _partial_kernel(
         idx = off + tl.arange(0, BLOCK)
         inb = idx < stop
         x = tl.load(base + idx, mask=inb, other=0.0).to(tl.float32)
-        finite = (x == x) & (tl.abs(x) < float("inf"))
-        nonfinite += (inb & ~finite).to(tl.int32)
-        overflow += (inb & finite & (tl.abs(x) > bound)).to(tl.int32)
+        finite = tl.abs(x) < float("inf")
+        nonfinite += (~finite).to(tl.int32)
+        overflow += (finite & (tl.abs(x) > bound)).to(tl.int32)
         valid = inb & finite
         xv = tl.where(valid, x, float("-inf"))
         rank += (xv > x_y).to(tl.int32)
-        second = tl.where(xv > m, m, tl.maximum(second, xv))
-        one = tl.zeros([BLOCK], tl.float32)  # a single element: m = x, s = 0, t = 0
-        m, s, t = _merge(m, s, t, xv, one, one, 1.0)
-        if SAMPLING:  # else pi = q for every row, and the q accumulators are copied
-            xz = tl.where(xv >= keep_min, xv, float("-inf"))
-            mz, sz, tz = _merge(mz, sz, tz, xz, one, one, inv_t)
-        else:
-            mz, sz, tz = m, s, t
+        max2 = tl.maximum(max2, tl.minimum(max1, xv))
+        max1 = tl.maximum(max1, xv)
 
-    # lanes -> one accumulator for this program
-    top = tl.max(m, axis=0)
-    lane = tl.argmax(m, axis=0)
-    lanes = tl.arange(0, BLOCK)
-    is_top = lanes == lane
-    far = tl.where(is_top | (m == float("-inf")), 0.0, m - top)
-    a = tl.where(is_top, 1.0, tl.where(m == float("-inf"), 0.0, tl.exp(far)))
-    s_all = tl.sum(tl.where(is_top, s, (s + 1.0) * a), axis=0)
-    t_all = tl.sum(tl.where(is_top, t, a * (t + far * (s + 1.0))), axis=0)
-    second_all = tl.maximum(tl.max(tl.where(is_top, float("-inf"), m), axis=0),
-                            tl.max(tl.where(is_top, second, float("-inf")), axis=0))
-    topz = tl.max(mz, axis=0)
-    lanez = tl.argmax(mz, axis=0)
-    is_topz = lanes == lanez
-    farz = tl.where(is_topz | (mz == float("-inf")), 0.0, (mz - topz) * inv_t)
-    az = tl.where(is_topz, 1.0, tl.where(mz == float("-inf"), 0.0, tl.exp(farz)))
-    sz_all = tl.sum(tl.where(is_topz, sz, (sz + 1.0) * az), axis=0)
-    tz_all = tl.sum(tl.where(is_topz, tz, az * (tz + farz * (sz + 1.0))), axis=0)
+        m_new = tl.maximum(m, tl.max(xv, axis=0))
+        if (m_new > m) & (m > float("-inf")):  # a new maximum; an empty start has nothing to move
+            s, c, t = _rescale(s, c, t, m - m_new)
+            if SAMPLING:
+                sz, cz, tz = _rescale(sz, cz, tz, (m - m_new) * inv_t)
+        m = m_new
+
+        top = valid & (xv == m)
+        d = tl.where(valid, xv - m, 0.0)
+        e = tl.where(valid & ~top, tl.exp(d), 0.0)
+        c += top.to(tl.int32)
+        s += e
+        t += tl.where(e > 0, d * e, 0.0)
+        if SAMPLING:  # else pi = q for every row, and the q accumulators are copied
+            in_set = valid & (xv >= keep_min)
+            z = d * inv_t
+            ez = tl.where(in_set & ~top, tl.exp(z), 0.0)
+            cz += (in_set & top).to(tl.int32)
+            sz += ez
+            tz += tl.where(ez > 0, z * ez, 0.0)
+
+    # lanes -> one accumulator for this program; one max term stays out of the tail sum
+    c_all = tl.sum(c, axis=0)
+    s_all = tl.where(c_all > 0, tl.sum(s, axis=0) + (c_all - 1).to(tl.float32), 0.0)
+    t_all = tl.sum(t, axis=0)
+    second_all = tl.where(c_all > 1, m, tl.max(tl.where(max1 == m, max2, max1), axis=0))
+    if SAMPLING:
+        # The set is {x >= keep_min}: when this program saw any of it, its maximum is m.
+        cz_all = tl.sum(cz, axis=0)
+        mz = tl.where(cz_all > 0, m, float("-inf"))
+        sz_all = tl.where(cz_all > 0, tl.sum(sz, axis=0) + (cz_all - 1).to(tl.float32), 0.0)
+        tz_all = tl.sum(tz, axis=0)
+    else:
+        mz, sz_all, tz_all = m, s_all, t_all
 
     out = part_ptr + (row * nsplit + split) * _PARTS_C
-    tl.store(out + 0, top)
+    tl.store(out + 0, m)
     tl.store(out + 1, s_all)
     tl.store(out + 2, t_all)
     tl.store(out + 3, second_all)
-    tl.store(out + 4, topz)
+    tl.store(out + 4, mz)
     tl.store(out + 5, sz_all)
     tl.store(out + 6, tz_all)
     tl.store(out + 7, tl.sum(rank, axis=0).to(tl.float32))
@@ -121,7 +134,7 @@ def _partial_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_ptr, inv_t_ptr, keep_min_ptr, out_ptr, nsplit, SPLITS: tl.constexpr):
+def _combine_kernel(part_ptr, temperature_ptr, keep_min_ptr, out_ptr, nsplit, SPLITS: tl.constexpr):
     row = tl.program_id(0)
     i = tl.arange(0, SPLITS)
     ok = i < nsplit
@@ -138,7 +151,8 @@ def _combine_kernel(part_ptr, inv_t_ptr, keep_min_ptr, out_ptr, nsplit, SPLITS: 
     nonfinite = tl.sum(tl.load(p + 8, mask=ok, other=0.0), axis=0)
     overflow = tl.sum(tl.load(p + 9, mask=ok, other=0.0), axis=0)
     x_y = tl.load(part_ptr + row * nsplit * _PARTS_C + 10)
-    inv_t = tl.load(inv_t_ptr + row)
+    temperature = tl.load(temperature_ptr + row)
+    inv_t = _inverse_temperature(temperature)
     keep_min = tl.load(keep_min_ptr + row)
 
     top = tl.max(m, axis=0)
@@ -165,6 +179,9 @@ def _combine_kernel(part_ptr, inv_t_ptr, keep_min_ptr, out_ptr, nsplit, SPLITS: 
     logprob = (x_y - top) - log1p_s
     sampling_entropy = log1p_sz - tz1 / (1.0 + sz1)
     sampling_logprob = tl.where(x_y >= keep_min, (x_y - top) * inv_t - log1p_sz, ninf)
+    greedy = temperature <= 0  # a point mass on the argmax
+    sampling_entropy = tl.where(greedy, 0.0, sampling_entropy)
+    sampling_logprob = tl.where(greedy, tl.where(rank == 0, 0.0, ninf), sampling_logprob)
     dead = top == ninf
     nan = float("nan")
     o = out_ptr + row * 10
@@ -180,6 +197,11 @@ def _combine_kernel(part_ptr, inv_t_ptr, keep_min_ptr, out_ptr, nsplit, SPLITS: 
     tl.store(o + 9, overflow)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def triton_softmax_stats(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -189,29 +211,25 @@ def triton_softmax_stats(
     sampling: bool = True,
     block: int = 1024,
 ) -> torch.Tensor:
-    """[B, 10] statistics of CUDA logits (any float dtype, read as is and computed in fp32).
+    """[B, 10] statistics of CUDA logits (any float dtype, read as is and computed in fp32):
+    two kernel launches and nothing else, so that a step's launch overhead stays small.
 
     `sampling=False` promises that pi = q for every row (T in {0, 1}, nothing filtered).
     """
-    from .sampling import inverse_temperature
-
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     batch, vocab = logits.shape
-    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count
+    sms = _multiprocessors(logits.device) if logits.is_cuda else 8  # 8: under the interpreter
     splits = max(1, min(triton.cdiv(vocab, block), triton.cdiv(4 * sms, batch), 64))
     chunk = triton.cdiv(triton.cdiv(vocab, splits), block) * block
     splits = triton.cdiv(vocab, chunk)
-    inv_t = inverse_temperature(temperature.float())
+    temperature = temperature.float().contiguous()
     keep_min = keep_min.float().contiguous()
     parts = torch.empty(batch, splits, _PARTS, device=logits.device, dtype=torch.float32)
     out = torch.empty(batch, 10, device=logits.device, dtype=torch.float32)
     _partial_kernel[(batch, splits)](
-        logits, logits.stride(0), tokens, inv_t, keep_min, parts, vocab, chunk, overflow_bound,
-        BLOCK=block, SAMPLING=sampling, num_warps=4,
+        logits, logits.stride(0), tokens, temperature, keep_min, parts, vocab, chunk, overflow_bound,
+        BLOCK=block, SAMPLING=sampling, num_warps=8,  # 4 logits a thread: 77 registers on sm_90, no spills
     )
-    _combine_kernel[(batch,)](parts, inv_t, keep_min, out, splits, SPLITS=triton.next_power_of_2(splits))
-    greedy = temperature <= 0
-    out[:, 1] = torch.where(greedy, 0.0, out[:, 1])
-    out[:, 5] = torch.where(greedy, torch.where(out[:, 6] == 0, 0.0, float("-inf")), out[:, 5])
+    _combine_kernel[(batch,)](parts, temperature, keep_min, out, splits, SPLITS=triton.next_power_of_2(splits))
     return out

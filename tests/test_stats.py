@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ from .reference import reference_stats
 from softwatch.sampling import RowParams, keep_min_logit, sample, sanitize
 from softwatch.stats import COLUMN, FIELDS, softmax_stats, triton_available
 
-BACKENDS = ["torch"] + (["triton"] if torch.cuda.is_available() and triton_available() else [])
+# The Triton kernel runs on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+BACKENDS = ["torch"] + (["triton"] if (torch.cuda.is_available() or INTERPRETED) and triton_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
