@@ -7,7 +7,6 @@ embedded checkpoint does not travel to GPU machines, and a step's cost does not 
 """
 
 import json
-import statistics
 import time
 
 import torch
