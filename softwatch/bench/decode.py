@@ -97,6 +97,7 @@ class _EngineRun:
     def __init__(self, engine: Engine, prompts: list[str], params: DecodingParams):
         self.engine, self.prompts, self.params = engine, prompts, params
         self.seconds = 0.0
+        self.ids: list[str] = []
         self.tokens: dict[str, list[int]] = {}  # request id -> generated token ids
 
     def start(self) -> None:
