@@ -202,6 +202,8 @@ class Engine:
         self._cache = None
         self._mask = self._last = self._steps = self._stats = None
         self._params: RowParams | None = None
+        # the LM head's weight when the engine runs the head itself (see head_logits), else None
+        self._head = lm.model.get_output_embeddings().weight if type(lm.model).__name__ in PLAIN_HEAD_MODELS else None
 
     # ---- requests -------------------------------------------------------------------------
     def encode(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
@@ -341,11 +343,10 @@ class Engine:
 
     def _forward(self, **inputs) -> tuple[torch.Tensor, object]:
         """The [B, V] logits of each row's last position, and the KV cache."""
-        model = self.lm.model
-        if type(model).__name__ in PLAIN_HEAD_MODELS:
-            out = model.get_decoder()(**inputs, use_cache=True)
-            return head_logits(out.last_hidden_state[:, -1], model.get_output_embeddings().weight), out.past_key_values
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        if self._head is not None:
+            out = self.lm.model.get_decoder()(**inputs, use_cache=True)
+            return head_logits(out.last_hidden_state[:, -1], self._head), out.past_key_values
+        out = self.lm.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
 
     def _advance(self, logits: torch.Tensor, rows: slice) -> list[Completion]:

@@ -134,6 +134,19 @@ def _partial_kernel(
 
 
 @triton.jit
+def _merge_programs(m, s, t, i, scale):
+    """One accumulator from the programs' (m, s, t), exponents scaled by `scale`: the program
+    holding the maximum keeps its own tail; every other one joins it with its max term."""
+    top = tl.max(m, axis=0)
+    is_top = i == tl.argmax(m, axis=0)
+    far = tl.where(is_top | (m == float("-inf")), 0.0, (m - top) * scale)
+    a = tl.where(is_top, 1.0, tl.where(m == float("-inf"), 0.0, tl.exp(far)))
+    s_all = tl.sum(tl.where(is_top, s, (s + 1.0) * a), axis=0)
+    t_all = tl.sum(tl.where(is_top, t, a * (t + far * (s + 1.0))), axis=0)
+    return top, s_all, t_all, is_top
+
+
+@triton.jit
 def _combine_kernel(part_ptr, temperature_ptr, keep_min_ptr, out_ptr, nsplit, SPLITS: tl.constexpr):
     row = tl.program_id(0)
     i = tl.arange(0, SPLITS)
@@ -155,21 +168,9 @@ def _combine_kernel(part_ptr, temperature_ptr, keep_min_ptr, out_ptr, nsplit, SP
     inv_t = _inverse_temperature(temperature)
     keep_min = tl.load(keep_min_ptr + row)
 
-    top = tl.max(m, axis=0)
-    k = tl.argmax(m, axis=0)
-    is_top = i == k
-    far = tl.where(is_top | (m == ninf), 0.0, m - top)
-    a = tl.where(is_top, 1.0, tl.where(m == ninf, 0.0, tl.exp(far)))
-    s1 = tl.sum(tl.where(is_top, s, (s + 1.0) * a), axis=0)
-    t1 = tl.sum(tl.where(is_top, t, a * (t + far * (s + 1.0))), axis=0)
+    top, s1, t1, is_top = _merge_programs(m, s, t, i, 1.0)
     second1 = tl.maximum(tl.max(tl.where(is_top, ninf, m), axis=0), tl.max(tl.where(is_top, second, ninf), axis=0))
-    topz = tl.max(mz, axis=0)
-    kz = tl.argmax(mz, axis=0)
-    is_topz = i == kz
-    farz = tl.where(is_topz | (mz == ninf), 0.0, (mz - topz) * inv_t)
-    az = tl.where(is_topz, 1.0, tl.where(mz == ninf, 0.0, tl.exp(farz)))
-    sz1 = tl.sum(tl.where(is_topz, sz, (sz + 1.0) * az), axis=0)
-    tz1 = tl.sum(tl.where(is_topz, tz, az * (tz + farz * (sz + 1.0))), axis=0)
+    topz, sz1, tz1, _ = _merge_programs(mz, sz, tz, i, inv_t)
 
     log1p_s = _log1p(s1)
     log1p_sz = _log1p(sz1)

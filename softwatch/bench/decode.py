@@ -215,8 +215,8 @@ def decode(
     def total(hf_name: str, variant: str) -> float:
         return sum(r[hf_name][variant] for r in rounds)
 
-    tokens = batch * new_tokens * repeats
-    engine_s = {name: total("hf_generate", name) + total("hf_scores", name) for name in engines}
+    tokens = batch * new_tokens * repeats  # per variant beside one generate
+    engine_s = {name: total("hf_generate", name) + total("hf_scores", name) for name in engines}  # beside both
     return {
         "model": lm.model_id,
         "device": _device_name(lm.device),
