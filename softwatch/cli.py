@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import duckdb
 
-    from .engine import InvalidRequest
+    from .completion import InvalidRequest
     from .models import ModelNotFoundError
 
     try:

@@ -18,7 +18,7 @@ import uuid
 
 import torch
 
-from .engine import Completion, DecodingParams, summarize
+from .completion import Completion, DecodingParams, summarize
 from .models import model_rev, weights_digest
 from .records import RecordContext
 from .sampling import RowParams

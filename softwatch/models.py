@@ -113,23 +113,58 @@ def load_model(
         return tiny_model(seed=int(name[12:] or 0), device=device, dtype=dtype)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    path = Path(name).expanduser()
-    if name.lower() in _DEFAULT_ALIASES or name == DEFAULT_MODEL:
-        directory = _converted_gguf(_default_gguf())
-        model_id = DEFAULT_MODEL
-    elif path.is_file() and path.suffix == ".gguf":
-        directory, model_id = _converted_gguf(path), path.stem
-    elif path.is_dir():
-        directory, model_id = path, path.name
-    elif path.exists() or name.startswith((".", "/", "~")):
-        raise ModelNotFoundError(f"model path {name!r} is neither a model directory nor a .gguf file")
-    else:
-        directory, model_id = name, name
+    directory, model_id = checkpoint(name)
     model, tokenizer = _from_pretrained(directory, name)
     digest = _stored_digest(directory) if isinstance(directory, Path) else None
     digest = digest or weights_digest(model)
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, tokenizer, model_id, model_rev(digest, dtype), device, dtype)
+
+
+def checkpoint(name: str) -> tuple[Path | str, str]:
+    """The checkpoint `load_model` would load, without loading it: (a local directory, or a hub
+    id as given; the model_id). What an engine that loads weights itself (vLLM) is handed."""
+    path = Path(name).expanduser()
+    if name.lower() in _DEFAULT_ALIASES or name == DEFAULT_MODEL:
+        return _converted_gguf(_default_gguf()), DEFAULT_MODEL
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted_gguf(path), path.stem
+    if path.is_dir():
+        return path, path.name
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model path {name!r} is neither a model directory nor a .gguf file")
+    return name, name
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """Content hash of a checkpoint directory as stored: the digest softwatch recorded when it
+    wrote the directory (equal to `weights_digest` of the loaded model), else a hash of the
+    config and every weight file's bytes."""
+    directory = Path(directory)
+    stored = _stored_digest(directory)
+    if stored:
+        return stored
+    h = hashlib.blake2b(digest_size=16)
+    config = json.loads((directory / "config.json").read_text())
+    h.update(json.dumps({k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}, sort_keys=True).encode())
+    for weights in sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")):
+        h.update(weights.name.encode())
+        with weights.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def save_tiny_model(directory: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Write `tiny_model(seed, **kwargs)` as a checkpoint directory (weights, config, tokenizer
+    and its stored digest), for engines that load from disk."""
+    directory = Path(directory)
+    lm = tiny_model(seed=seed, **kwargs)
+    lm.model.save_pretrained(directory)
+    lm.tokenizer.save_pretrained(directory)
+    (directory / "softwatch.json").write_text(json.dumps({"source": lm.model_id,
+                                                          "weights_digest": weights_digest(lm.model)}))
+    return directory
 
 
 def _from_pretrained(directory: Path | str, name: str):

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from .engine import Completion
+from .completion import Completion
 from .stats import FIELDS
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")

@@ -44,6 +44,7 @@ class RowParams:
     top_p: tuple[float, ...]  # 1 = off
     seed: tuple[int, ...]
     device: str = "cpu"
+    min_p: tuple[float, ...] = ()  # 0 = off; set by engines that filter by min_p (vLLM)
 
     @cached_property
     def temperature_t(self) -> torch.Tensor:
@@ -63,7 +64,8 @@ class RowParams:
 
     @cached_property
     def filtered(self) -> tuple[bool, ...]:
-        return tuple(t > 0 and (k > 0 or p < 1.0) for t, k, p in zip(self.temperature, self.top_k, self.top_p))
+        min_p = self.min_p or (0.0,) * len(self.temperature)
+        return tuple(t > 0 and (k > 0 or p < 1.0 or mp > 0) for t, k, p, mp in zip(self.temperature, self.top_k, self.top_p, min_p))
 
     @property
     def any_sampled(self) -> bool:
@@ -90,6 +92,7 @@ class RowParams:
             top_p=sum((p.top_p for p in parts), ()),
             seed=sum((p.seed for p in parts), ()),
             device=parts[0].device,
+            min_p=sum((p.min_p or (0.0,) * len(p) for p in parts), ()) if any(p.min_p for p in parts) else (),
         )
 
     def select(self, index: list[int]) -> RowParams:
@@ -99,6 +102,7 @@ class RowParams:
             top_p=tuple(self.top_p[i] for i in index),
             seed=tuple(self.seed[i] for i in index),
             device=self.device,
+            min_p=tuple(self.min_p[i] for i in index) if self.min_p else (),
         )
 
 

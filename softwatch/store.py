@@ -33,7 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .engine import Completion
+from .completion import Completion
 from .host import host_name
 from .journal import Journal, claim_orphans, release
 from .records import REGIME_COLUMNS, SCHEMAS, RecordContext, keeps_tokens, rows_table, sequence_row, token_table

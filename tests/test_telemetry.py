@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from softwatch.engine import Completion
+from softwatch.completion import Completion
 from softwatch.records import RecordContext
 from softwatch.telemetry import BUCKETS, TARGETS_DIR, Telemetry
 

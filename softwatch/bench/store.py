@@ -11,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..engine import Completion
+from ..completion import Completion
 from ..records import RecordContext
 from ..stats import COLUMN, FIELDS
 from ..store import ParquetSink, Store

@@ -18,8 +18,10 @@ import threading
 
 from ray import serve
 
-from ..engine import Completion, DecodingParams, Engine, InvalidRequest, TokenLogprobs
+from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs
+from ..engine import Engine
 from ..models import load_model
+from ..recorder import Recorder
 from ..records import RecordContext
 from ..store import ParquetSink
 from ..telemetry import Telemetry
@@ -45,8 +47,9 @@ class LLMServer:
         self.context = RecordContext(deployment=settings.get("deployment", "softwatch"), replica=replica,
                                      store_text=bool(settings.get("store_text", False)))
         data = settings.get("data")
-        self.sink = ParquetSink(data, token_sample_rate=float(settings.get("token_sample_rate", 1.0))) if data else None
-        self.telemetry = Telemetry(settings.get("metrics", "none"), instance_id=replica, data_root=data)
+        sink = ParquetSink(data, token_sample_rate=float(settings.get("token_sample_rate", 1.0))) if data else None
+        self.recorder = Recorder(self.context, sink, Telemetry(settings.get("metrics", "none"), instance_id=replica,
+                                                               data_root=data))
         self.fault = bool(settings.get("allow_fault_injection", False))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
@@ -185,10 +188,8 @@ class LLMServer:
 
     def _record(self, c: Completion, prompt: str | None) -> None:
         try:
-            if self.sink is not None:
-                self.sink.write_completion(c, self.context, prompt)
-            self.telemetry.record(c, self.context)
-        except Exception:  # noqa: BLE001 - a broken metrics pipe must not stop serving
+            self.recorder.record(c, prompt)
+        except Exception:  # noqa: BLE001 - a broken sink must not stop serving
             log.exception("softwatch: recording %s failed", c.request_id)
 
     # ---- shutdown -------------------------------------------------------------------------
@@ -202,9 +203,7 @@ class LLMServer:
         self._stopping = True
         self._inbox.put(("cancel", ""))  # wake the loop
         self._thread.join(timeout=drain_s)
-        if self.sink is not None:
-            self.sink.close()
-        self.telemetry.shutdown()
+        self.recorder.close()
 
 
 class _TextStream:

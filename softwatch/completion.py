@@ -1,0 +1,139 @@
+"""The finished sequence: the seam between a decoding engine (softwatch's own, or vLLM with
+the observer) and everything after it (records, telemetry, serving, `instrument`).
+
+A producer turns each finished request into a `Completion`: its tokens, the [n, len(FIELDS)]
+statistics of DESIGN.md, the sequence `summarize`d, and the regime its `DecodingParams` name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .stats import COLUMN, FIELDS
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; `field` names the offending parameter."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """log q of an emitted token and, when asked for, of the most likely tokens of its step."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log q), most likely first
+
+
+@dataclass(frozen=True)
+class DecodingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    template_version: str = "v1"
+    ignore_eos: bool = False  # benchmarks: always run to max_tokens
+    logprobs: bool = False  # report log q of each emitted token as it is generated
+    top_logprobs: int = 0  # and of the n most likely tokens at each step (implies logprobs)
+
+    def validate(self) -> None:
+        checks = [
+            ("temperature", isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+             and self.temperature >= 0, "must be a finite number >= 0"),
+            ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = off)"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
+        ]
+        for name, ok, message in checks:
+            if not ok:
+                raise InvalidRequest(name, f"{message}, got {getattr(self, name)!r}")
+
+    def regime_params(self) -> dict:
+        """The decoding parameters that shape the sampling distribution, normalized."""
+        greedy = self.temperature == 0
+        return {
+            "temperature": round(float(self.temperature), 6),
+            "top_p": 1.0 if greedy else round(float(self.top_p), 6),
+            "top_k": 0 if greedy else int(self.top_k),
+            "template_version": self.template_version,
+        }
+
+    @property
+    def params_id(self) -> str:
+        blob = json.dumps(self.regime_params(), sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=4).hexdigest()
+
+
+@dataclass
+class Completion:
+    """One finished request: what was generated, its per-token statistics and its regime."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length" | "error"
+    stats: torch.Tensor | None  # [generated, len(FIELDS)] float32 on the host; None uninstrumented
+    summary: dict
+    regime: dict
+    created: float  # wall-clock time of submission
+    ttft_s: float
+    latency_s: float
+    logprobs: list[TokenLogprobs] | None = None  # when the request asked for them
+
+    def token_records(self, tokenizer) -> list[dict]:
+        """[{"id", "text", <every token field>}] for each generated token."""
+        rows = self.stats.tolist() if self.stats is not None else [[] for _ in self.token_ids]
+        out = []
+        for token, values in zip(self.token_ids, rows):
+            record = {"id": token, "text": tokenizer.decode([token])}
+            record.update({name: _field_value(name, v) for name, v in zip(FIELDS, values)})
+            out.append(record)
+        return out
+
+
+def _field_value(name: str, v: float):
+    return int(v) if name in ("rank", "nonfinite", "overflow") and math.isfinite(v) else v
+
+
+def summarize(stats: torch.Tensor | None, extra_nonfinite: float = 0.0, extra_overflow: float = 0.0) -> dict:
+    """The sequence summary of DESIGN.md from a [n, F] statistics tensor."""
+    if stats is None:
+        return {}
+    n = stats.shape[0]
+    col = {name: stats[:, i].double() for name, i in COLUMN.items()}
+
+    def agg(name, fn):
+        return float(fn(col[name])) if n else float("nan")
+
+    return {
+        "perplexity": agg("logprob", lambda v: torch.exp(-v.mean())),
+        "sampling_perplexity": agg("sampling_logprob", lambda v: torch.exp(-v.mean())),
+        "mean_entropy": agg("entropy", torch.mean),
+        "max_entropy": agg("entropy", torch.max),
+        "mean_sampling_entropy": agg("sampling_entropy", torch.mean),
+        "mean_top_prob": agg("top_prob", torch.mean),
+        "min_top_prob": agg("top_prob", torch.min),
+        "p10_top_prob": agg("top_prob", lambda v: torch.quantile(v, 0.1)),
+        "mean_margin": agg("margin", torch.mean),
+        "nonfinite": int(col["nonfinite"].sum()) + int(extra_nonfinite),
+        "overflow": int(col["overflow"].sum()) + int(extra_overflow),
+    }

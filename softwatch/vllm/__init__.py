@@ -1,0 +1,90 @@
+"""softwatch inside vLLM: the observer (`softwatch.vllm.observer.SoftwatchObserver`, a V1
+logits processor) computes every token field of DESIGN.md in vLLM's decode step and writes
+the same records and metrics as softwatch's own engine, from the process that runs the model.
+
+In your own code:
+
+    import softwatch.vllm
+    llm = softwatch.vllm.LLM("SmolLM2-135M-Instruct", data="softwatch-data")   # a vllm.LLM
+    outputs = llm.generate(prompts, softwatch.vllm.tag(SamplingParams(max_tokens=64), "my-id"))
+
+With the OpenAI server: `--logits-processors softwatch.vllm.observer:SoftwatchObserver` and
+`--additional-config '{"softwatch": {"data": "softwatch-data"}}'` (README).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..models import checkpoint, resolve_device, resolve_dtype
+from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
+from .settings import ObserverSettings
+
+OBSERVER = "softwatch.vllm.observer:SoftwatchObserver"
+CPU_MEMORY_FRACTION = 0.4
+"""vLLM's default reserves 92% of a CPU node's memory for the KV cache; this is plenty for small models."""
+
+
+def engine_kwargs(model: str = "SmolLM2-135M-Instruct", settings: ObserverSettings = ObserverSettings(),
+                  **overrides) -> dict:
+    """Keyword arguments for `vllm.LLM` or `AsyncEngineArgs`: the checkpoint softwatch would load
+    for `model`, its dtype (fp32 on CPU, bf16 on CUDA, as softwatch's engine), the observer and
+    its settings. `overrides` are vLLM's own arguments and win."""
+    directory, model_id = checkpoint(model)
+    device = resolve_device("auto")
+    if not settings.model_id:
+        settings = ObserverSettings(**{**settings.__dict__, "model_id": model_id})
+    kwargs = {
+        "model": str(directory),
+        "dtype": str(resolve_dtype("auto", device)).removeprefix("torch."),
+        "logits_processors": [OBSERVER],
+        "additional_config": settings.as_additional_config(),
+    }
+    if device.type == "cpu":
+        kwargs["gpu_memory_utilization"] = CPU_MEMORY_FRACTION
+    kwargs.update(overrides)
+    return kwargs
+
+
+def use_v1_model_runner() -> None:
+    """The observer is a V1 logits processor; vLLM's Model Runner V2 (the GPU default in 0.32)
+    has another processor interface and refuses V1 classes. Call before the engine starts."""
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
+def LLM(model: str = "SmolLM2-135M-Instruct", settings: ObserverSettings = ObserverSettings(), **overrides):
+    """A `vllm.LLM` with the observer. Create it under `if __name__ == "__main__":` (vLLM
+    spawns workers that import the main module)."""
+    use_v1_model_runner()
+    import vllm
+
+    return vllm.LLM(**engine_kwargs(model, settings, **overrides))
+
+
+def tag(params, request_id: str, template_version: str | None = None):
+    """`params` (a vllm.SamplingParams) with the record id softwatch gives its sequence (and a
+    template version for its regime). Children of an `n > 1` request get `-1`, `-2`, ... appended."""
+    params.extra_args = {**(params.extra_args or {}), REQUEST_ID_KEY: request_id}
+    if template_version is not None:
+        params.extra_args[TEMPLATE_KEY] = template_version
+    return params
+
+
+def wait_for_records(data: str, request_ids: list[str], timeout_s: float = 60.0) -> None:
+    """Block until the `sequences` rows of these record ids are in the dataset (the observer
+    writes them from vLLM's worker process after its flush interval)."""
+    from ..store import Store
+
+    wanted = set(request_ids)
+    deadline = time.monotonic() + timeout_s
+    store = Store(data)
+    while True:
+        found = set(store.query("SELECT request_id FROM sequences").column("request_id").to_pylist())
+        if wanted <= found:
+            store.close()
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"records of {len(wanted - found)} of {len(wanted)} requests did not reach {data} "
+                               f"within {timeout_s:.0f} s")
+        time.sleep(0.2)
