@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--data", default=None, help="also write its token and sequence records to this dataset root")
     gen.add_argument("--store-text", action="store_true", help="store prompt and completion text with the records")
+    gen.add_argument("--engine", choices=["softwatch", "vllm"], default="softwatch",
+                     help="softwatch's own engine, or vLLM with the softwatch observer")
 
     bench = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -193,39 +195,60 @@ def _load(args):
 
 
 def _generate(args) -> int:
-    from .engine import DecodingParams, Engine
+    from .completion import DecodingParams
 
     params = DecodingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
     params.validate()  # before the model loads: a typo should not cost a load
     if not args.prompt:
         raise ValueError("prompt: must be a non-empty string")
+    if args.engine == "vllm":
+        from .vllm.generate import generate
+
+        if args.device != "auto":
+            raise ValueError("--device: vLLM runs on the device its build is for; leave it at auto")
+        result = generate(args.prompt, params, model=args.model, chat=args.chat, data=args.data,
+                          store_text=args.store_text, dtype=None if args.dtype == "auto" else args.dtype)
+    else:
+        result = _generate_here(args, params)
+    if args.json:
+        print(json.dumps(result, default=_json_number))
+        return 0
+    _print_generated(result)
+    return 0
+
+
+def _generate_here(args, params) -> dict:
+    """The own engine's completion as {"text", "tokens", "summary", "regime"}."""
+    from .engine import Engine
+
     lm = _load(args)
-    engine = Engine(lm, max_batch=1)
-    completion = engine.generate([args.prompt], params, chat=args.chat)[0]
+    completion = Engine(lm, max_batch=1).generate([args.prompt], params, chat=args.chat)[0]
     if args.data:
         from .records import RecordContext
+        from .recorder import Recorder
         from .store import ParquetSink
 
-        with ParquetSink(args.data) as sink:
-            sink.write_completion(completion, RecordContext(deployment="cli", replica=f"cli-{os.getpid()}", store_text=args.store_text), args.prompt)
-    tokens = completion.token_records(lm.tokenizer)
-    if args.json:
-        print(json.dumps({"text": completion.text, "tokens": tokens, "summary": completion.summary,
-                          "regime": completion.regime}, default=_json_number))
-        return 0
-    print(completion.text)
+        context = RecordContext(deployment="cli", replica=f"cli-{os.getpid()}", store_text=args.store_text)
+        recorder = Recorder(context, ParquetSink(args.data))
+        recorder.record(completion, args.prompt)
+        recorder.close()
+    return {"text": completion.text, "tokens": completion.token_records(lm.tokenizer), "summary": completion.summary,
+            "regime": completion.regime}
+
+
+def _print_generated(result: dict) -> None:
+    print(result["text"])
     print()
-    print(_token_table(tokens))
+    print(_token_table(result["tokens"]))
     print()
-    s = completion.summary
+    s = result["summary"]
     print(f"finish={s['finish_reason']}  tokens={s['generated_tokens']}  perplexity={s['perplexity']:.3f}  "
           f"mean_entropy={s['mean_entropy']:.3f}  min_top_prob={s['min_top_prob']:.3f}  "
           f"nonfinite={s['nonfinite']}  overflow={s['overflow']}  ttft={s['ttft_s']:.3f}s  latency={s['latency_s']:.3f}s")
-    r = completion.regime
+    r = result["regime"]
     print(f"regime: model={r['model_id']} rev={r['model_rev']} params_id={r['params_id']} "
           f"(temperature={r['temperature']} top_p={r['top_p']} top_k={r['top_k']})")
-    return 0
 
 
 def _json_number(v):

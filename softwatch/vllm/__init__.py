@@ -22,8 +22,9 @@ from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
 from .settings import ObserverSettings
 
 OBSERVER = "softwatch.vllm.observer:SoftwatchObserver"
-CPU_MEMORY_FRACTION = 0.4
-"""vLLM's default reserves 92% of a CPU node's memory for the KV cache; this is plenty for small models."""
+CPU_KV_CACHE_BYTES = 1 << 30
+"""vLLM's default reserves 92% of a CPU node's memory for the KV cache, and refuses to start
+when less is free; a fixed 1 GiB lets engines share a machine (override: kv_cache_memory_bytes)."""
 
 
 def engine_kwargs(model: str = "SmolLM2-135M-Instruct", settings: ObserverSettings = ObserverSettings(),
@@ -42,7 +43,7 @@ def engine_kwargs(model: str = "SmolLM2-135M-Instruct", settings: ObserverSettin
         "additional_config": settings.as_additional_config(),
     }
     if device.type == "cpu":
-        kwargs["gpu_memory_utilization"] = CPU_MEMORY_FRACTION
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     kwargs.update(overrides)
     return kwargs
 
