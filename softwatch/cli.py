@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--repeats", type=int, default=3)
     dec.add_argument("--json", action="store_true")
 
+    bvllm = bench_sub.add_parser("vllm", help="plain vLLM vs vLLM with the softwatch observer vs vLLM logprobs=1 "
+                                 "vs softwatch's engine, same prompts, interleaved")
+    bvllm.add_argument("--model", default="SmolLM2-135M-Instruct")
+    bvllm.add_argument("--batch", type=int, default=8)
+    bvllm.add_argument("--new-tokens", type=int, default=64)
+    bvllm.add_argument("--repeats", type=int, default=3)
+    bvllm.add_argument("--json", action="store_true")
+
     store = bench_sub.add_parser("store", help="Parquet write throughput and a summary query over the rows")
     store.add_argument("--rows", type=int, default=10_000_000)
     store.add_argument("--data", default=None, help="dataset root to write (default: a new temporary directory)")
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "bench":
             return {"decode": _bench_decode, "store": _bench_store, "telemetry": _bench_telemetry,
-                    "serve": _bench_serve, "drift": _bench_drift}[args.bench](args)
+                    "serve": _bench_serve, "drift": _bench_drift, "vllm": _bench_vllm}[args.bench](args)
         if args.command == "sql":
             return _sql(args)
         if args.command == "compact":
@@ -288,6 +296,25 @@ def _bench_decode(args) -> int:
     for shape in result["stats_shapes"]:
         print(f"  stats {shape['shape']}: softwatch {shape['stats_ms']:.3f} ms, naive {shape['naive_stats_ms']:.3f} ms "
               f"({shape['naive_over_stats']:.1f}x), one read {shape['one_read_ms']:.3f} ms")
+    return 0
+
+
+def _bench_vllm(args) -> int:
+    from . import bench
+    from .bench.vllm import bench_vllm
+
+    if args.batch < 1 or args.new_tokens < 1 or args.repeats < 1:
+        raise ValueError("--batch, --new-tokens and --repeats must be >= 1")
+    result = bench_vllm(args.model, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats,
+                        progress=bench.print_progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for key in ("plain_tok_s", "observed_tok_s", "logprobs_tok_s", "softwatch_tok_s"):
+        print(f"  {key:<20} {result[key]:10.1f}")
+    print(f"  {'overhead_ratio':<20} {result['overhead_ratio']:10.3f}   (observed time / plain time)")
+    print(f"  {'vllm_logprobs_ratio':<20} {result['vllm_logprobs_ratio']:10.3f}   (logprobs=1 time / plain time)")
+    print(f"  {'same_tokens':<20} {str(result['same_tokens']):>10}")
     return 0
 
 
