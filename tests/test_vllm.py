@@ -194,3 +194,63 @@ def test_cli_generate_with_vllm_prints_fields_equal_to_float64_recomputation(ext
                                      [params.top_p] * n)
     assert_fields_match(stats, reference)
     assert recorded(str(tmp_path), Store(str(tmp_path)).rows("SELECT request_id FROM sequences")[0]["request_id"])[2] == tokens
+
+
+def server_command(data: str, port: int) -> list[str]:
+    """The README's command for vLLM's OpenAI server with the observer."""
+    checkpoint = subprocess.run([sys.executable, "-m", "softwatch.cli", "checkpoint"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    settings = {"softwatch": {"data": data, "metrics": "none", "flush_interval_s": 1}}
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoint,
+            "--served-model-name", "SmolLM2-135M-Instruct", "--dtype", "float32",
+            "--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager", "--max-model-len", "2048",
+            "--logits-processors", "softwatch.vllm.observer:SoftwatchObserver",
+            "--additional-config", json.dumps(settings), "--host", "127.0.0.1", "--port", str(port)]
+
+
+def test_openai_server_with_the_observer_records_every_chat_request(tmp_path):
+    import time
+
+    import httpx
+    import openai
+
+    from .prometheus import free_port
+
+    data, port = str(tmp_path / "data"), free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(server_command(data, port), stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": os.getcwd(), "VLLM_USE_V2_MODEL_RUNNER": "0"})
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        answers = [client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=12, temperature=0.7,
+                                                  messages=[{"role": "user", "content": f"Say something about {i}"}])
+                   for i in range(16)]
+        assert all(a.choices[0].message.content for a in answers)
+        query = [sys.executable, "-m", "softwatch.cli", "sql", "SELECT count(*) AS n FROM sequences", "--data", data,
+                 "--json"]
+        deadline = time.monotonic() + 30
+        while json.loads(subprocess.run(query, capture_output=True, text=True, check=True).stdout or '{"n": 0}')["n"] < 16:
+            assert time.monotonic() < deadline, "records did not arrive"
+            time.sleep(0.5)
+        assert json.loads(subprocess.run(query, capture_output=True, text=True, check=True).stdout)["n"] == 16
+        store = Store(data)
+        tokens = store.rows("SELECT sum(generated_tokens) AS n FROM sequences")[0]["n"]
+        assert tokens == sum(a.usage.completion_tokens for a in answers)
+        assert store.rows("SELECT count(*) AS n FROM tokens")[0]["n"] == tokens
+        drift = subprocess.run([sys.executable, "-m", "softwatch.cli", "drift", "--data", data, "--json"],
+                               capture_output=True, text=True)
+        assert drift.returncode == 0, drift.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()

@@ -9,7 +9,8 @@ import time
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..engine import DecodingParams, Engine, keep_freed_memory
+from ..engine import DecodingParams, Engine
+from ..host import keep_freed_memory
 from ..models import LoadedModel
 from ..sampling import RowParams, keep_min_logit, sanitize
 from ..stats import OVERFLOW_BOUND, softmax_stats

@@ -26,6 +26,7 @@ import time
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from ..host import keep_freed_memory
 from ..records import RecordContext
 from ..recorder import Recorder
 from ..sampling import RowParams, sanitize
@@ -55,6 +56,7 @@ class SoftwatchObserver(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from .served import served_model
 
+        keep_freed_memory()
         self.settings = ObserverSettings.from_additional_config(vllm_config.additional_config)
         self.model = served_model(vllm_config, self.settings)
         context = RecordContext(deployment=self.settings.deployment, replica=self.settings.replica_id,
@@ -145,7 +147,10 @@ def _step_stats(logits: torch.Tensor, tokens: list[int], owners: list[TrackedReq
         device=str(logits.device),
         min_p=tuple(p.min_p for p in params),
     )
-    keep_min = keep_min_logit(sanitize(logits), rows)
+    if rows.any_filtered:
+        keep_min = keep_min_logit(sanitize(logits), rows)
+    else:
+        keep_min = torch.full((len(owners),), float("-inf"), device=logits.device)
     token_ids = torch.tensor(tokens, device=logits.device)
     stats = softmax_stats(logits, token_ids, rows, keep_min)
     penalized = [r.penalized for r in owners]

