@@ -1,10 +1,14 @@
 """`softwatch bench vllm`: plain vLLM, vLLM with the softwatch observer, vLLM returning its own
 logprobs=1, and softwatch's own engine, decoding the same prompts in one process. Every repeat
-runs each variant once, in a rotated order, so slow drift of the machine hits all of them."""
+runs each variant once, in a rotated order, so slow drift of the machine hits all of them. On a
+noisy VM whole runs cannot resolve a few percent: read `per_repeat` and the median beside the
+sum-based `overhead_ratio`. (Stepping the engines in lockstep in one process would, but vLLM's
+CPU backend binds threads per engine, and three in-process engines decoded ten times slower.)"""
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,6 +77,7 @@ def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 
         "vllm_logprobs_ratio": seconds["logprobs"] / seconds["plain"],
         "vllm_vs_softwatch": seconds["softwatch"] / seconds["plain"],
         "same_tokens": same_tokens,
+        "median_overhead_ratio": statistics.median(r["overhead_ratio"] for r in per_repeat),
         "per_repeat": per_repeat,
     }
 
