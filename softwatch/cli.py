@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             return _dashboard_snapshot(args)
         if args.command == "demo":
             return _demo(args)
-    except (InvalidRequest, ModelNotFoundError, ValueError, duckdb.Error) as exc:
+    except (InvalidRequest, ModelNotFoundError, ValueError, TimeoutError, duckdb.Error) as exc:
         print(f"softwatch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -248,8 +248,10 @@ def _generate_here(args, params) -> dict:
 
         context = RecordContext(deployment="cli", replica=f"cli-{os.getpid()}", store_text=args.store_text)
         recorder = Recorder(context, ParquetSink(args.data))
-        recorder.record(completion, args.prompt)
-        recorder.close()
+        try:
+            recorder.record(completion, args.prompt)
+        finally:
+            recorder.close()
     return {"text": completion.text, "tokens": completion.token_records(lm.tokenizer), "summary": completion.summary,
             "regime": completion.regime}
 

@@ -78,8 +78,13 @@ class DecodingParams:
 
     @property
     def params_id(self) -> str:
-        blob = json.dumps(self.regime_params(), sort_keys=True).encode()
-        return hashlib.blake2b(blob, digest_size=4).hexdigest()
+        return params_id(self.regime_params())
+
+
+def params_id(regime_params: dict) -> str:
+    """A short hash naming normalized decoding parameters: the regime's `params_id`."""
+    blob = json.dumps(regime_params, sort_keys=True).encode()
+    return hashlib.blake2b(blob, digest_size=4).hexdigest()
 
 
 @dataclass

@@ -31,7 +31,9 @@ class Recorder:
 
     def close(self) -> None:
         """Flush the records and export pending metrics."""
-        if self.sink is not None:
-            self.sink.close()
-        if self.telemetry is not None:
-            self.telemetry.shutdown()
+        try:
+            if self.sink is not None:
+                self.sink.close()
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.shutdown()

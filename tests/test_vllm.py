@@ -101,6 +101,30 @@ def test_every_field_of_a_mixed_batch_equals_float64_recomputation(observed, tea
     assert recorded(data, "min-p")[0]["generated_tokens"] == 9
 
 
+def test_preempted_requests_are_recorded_once_with_every_token_in_place(tmp_path, teacher):
+    """A KV cache too small for the batch: vLLM preempts requests (they leave the batch and come
+    back later with the same output list) and each must still be one record, aligned."""
+    from vllm import SamplingParams
+
+    data = str(tmp_path)
+    settings = ObserverSettings(data=data, metrics="none", flush_interval_s=0.2)
+    llm = LLM("SmolLM2-135M-Instruct", settings, enforce_eager=True, max_model_len=256,
+              kv_cache_memory_bytes=40 << 20, disable_log_stats=False)
+    prompts = [f"Count from {i} to a hundred:" for i in range(8)]
+    params = [tag(SamplingParams(temperature=0, max_tokens=200, ignore_eos=True), f"p{i}") for i in range(8)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    assert preemptions > 0, "the KV cache was large enough: nothing was preempted"
+    wait_for_records(data, [f"p{i}" for i in range(8)])
+    assert Store(data).rows("SELECT count(*) AS n FROM sequences")[0]["n"] == 8
+    for i, output in enumerate(outputs):
+        sequence, stats, tokens = recorded(data, f"p{i}")
+        assert tokens == list(output.outputs[0].token_ids)
+        assert sequence["finish_reason"] == "length" and not torch.isnan(stats[:, :8]).any()
+    check_against_teacher(teacher, data, "p7", list(outputs[7].prompt_token_ids), params[7])
+    del llm
+
+
 def test_model_rev_and_params_id_name_the_same_regime_as_the_own_engine(observed, smollm2):
     from vllm import SamplingParams
 

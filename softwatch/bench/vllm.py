@@ -21,6 +21,7 @@ VARIANTS = ("plain", "observed", "logprobs", "softwatch")
 def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 3,
                progress: Callable[[str], None] = lambda _: None) -> dict:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout is the result
     import vllm
     from vllm import SamplingParams
 
@@ -39,7 +40,7 @@ def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 
     plain = vllm.LLM(**plain_kwargs)
     progress("starting vLLM with the observer")
     observed = vllm.LLM(**observed_kwargs)
-    lm = load_model(model, device="cpu")
+    lm = load_model(model)  # the device and dtype engine_kwargs chose for vLLM
     engine = Engine(lm, max_batch=batch)
     greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     with_logprobs = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, logprobs=1)
@@ -70,7 +71,7 @@ def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 
         progress(f"repeat {r + 1}/{repeats}: observer {per_repeat[-1]['overhead_ratio']:.3f}x plain")
     generated = batch * new_tokens * repeats
     return {
-        "model": lm.model_id, "device": "cpu", "dtype": "float32", "batch": batch, "new_tokens": new_tokens,
+        "model": lm.model_id, "device": str(lm.device), "dtype": observed_kwargs["dtype"], "batch": batch, "new_tokens": new_tokens,
         "repeats": repeats, "vllm_version": vllm.__version__, "torch_threads": _threads(),
         **{f"{v}_tok_s": generated / seconds[v] for v in VARIANTS},
         "overhead_ratio": seconds["observed"] / seconds["plain"],

@@ -41,6 +41,7 @@ def engine_kwargs(model: str = "SmolLM2-135M-Instruct", settings: ObserverSettin
         "dtype": str(resolve_dtype("auto", device)).removeprefix("torch."),
         "logits_processors": [OBSERVER],
         "additional_config": settings.as_additional_config(),
+        "async_scheduling": False,  # the observer reads sampled tokens, not placeholders
     }
     if device.type == "cpu":
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
@@ -80,12 +81,14 @@ def wait_for_records(data: str, request_ids: list[str], timeout_s: float = 60.0)
     wanted = set(request_ids)
     deadline = time.monotonic() + timeout_s
     store = Store(data)
-    while True:
-        found = set(store.query("SELECT request_id FROM sequences").column("request_id").to_pylist())
-        if wanted <= found:
-            store.close()
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"records of {len(wanted - found)} of {len(wanted)} requests did not reach {data} "
-                               f"within {timeout_s:.0f} s")
-        time.sleep(0.2)
+    try:
+        while True:
+            found = set(store.query("SELECT request_id FROM sequences").column("request_id").to_pylist())
+            if wanted <= found:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"records of {len(wanted - found)} of {len(wanted)} requests did not reach "
+                                   f"{data} within {timeout_s:.0f} s")
+            time.sleep(0.2)
+    finally:
+        store.close()

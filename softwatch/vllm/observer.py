@@ -1,25 +1,32 @@
 """The softwatch observer: a vLLM V1 logits processor that computes every token field of
-DESIGN.md inside vLLM's decode step and records each request when it leaves the batch.
+DESIGN.md inside vLLM's decode step and records each request when it is done.
 
 vLLM calls, per step: `update_state` (batch changes; the tokens sampled by the previous step
 are in each request's live output list by then), the forward pass, then `apply(logits)` with
 the [num_reqs, V] fp32 logits before sampling. `apply` keeps a copy of the logits and returns
 them untouched; the next `update_state` reads the tokens that were drawn from them and
 computes the statistics of the whole step in one `softmax_stats` call, which stay on the
-device until the request finishes. vLLM runs one more step after the last request finishes
-to clear it from the batch, so the final token and aborted requests are recorded too.
+device until the request is recorded.
+
+A request leaves the persistent batch when it finishes, but also while it is preempted or
+simply not scheduled in a step; it then comes back with the same output list. So a request
+that leaves is recorded at once only when its end is evident (a stop token, its length, a stop
+string); otherwise it is parked, resumed if it comes back, and recorded as cancelled (an
+abort, a client that went away) when the batch runs empty or after PARKED_STEPS steps. vLLM
+runs one more step after requests finish to clear them from the batch, so the last token and
+aborted requests are seen; requests still followed at exit are recorded as cancelled.
 
 Which distribution: the observer runs after vLLM's request-level constraints (allowed token
-ids, bad words, min_tokens, logit_bias) and before penalties, temperature, min_p, top-k and
-top-p. Without those constraints q is the model's distribution exactly. pi is
-softmax(x / T) on vLLM's sampling set (min_p, top-k, then top-p renormalized; see
-`sampling_set`); for requests with repetition, frequency or presence penalties, which vLLM
-applies after every logits processor, the sampling fields are NaN: the observer cannot see
-the distribution that was sampled.
+ids, bad words, min_tokens, logit_bias, a structured-output grammar) and before penalties,
+temperature, min_p, top-k and top-p. Without those constraints q is the model's distribution
+exactly. pi is softmax(x / T) on vLLM's sampling set (min_p, top-k, then top-p renormalized;
+see `sampling_set`); for requests with repetition, frequency or presence penalties, which vLLM
+applies after every logits processor, the sampling fields are NaN.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 
@@ -38,6 +45,9 @@ from .settings import ObserverSettings
 log = logging.getLogger("softwatch.vllm")
 
 SAMPLING_COLUMNS = [COLUMN["sampling_entropy"], COLUMN["sampling_logprob"]]
+PARKED_STEPS = 256
+"""Steps a request that left the batch without an evident end may stay away before it is
+recorded as cancelled (a preempted request usually returns within a few)."""
 
 
 class _Step:
@@ -56,6 +66,7 @@ class SoftwatchObserver(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         from .served import served_model
 
+        _refuse_unsupported(vllm_config)
         keep_freed_memory()
         self.settings = ObserverSettings.from_additional_config(vllm_config.additional_config)
         self.model = served_model(vllm_config, self.settings)
@@ -63,9 +74,13 @@ class SoftwatchObserver(LogitsProcessor):
                                 store_text=self.settings.store_text)
         self.recorder = _recorder(self.settings, context)
         self._rows: dict[int, TrackedRequest] = {}
+        self._parked: dict[int, tuple[TrackedRequest, int]] = {}  # id(output list) -> (request, update count)
+        self._updates = 0
         self._step: _Step | None = None
         self._buffer = torch.empty(0, device=device)
         self._ids = RequestIds()
+        self._closed = False
+        atexit.register(self.close)
 
     def is_argmax_invariant(self) -> bool:
         return False  # vLLM skips argmax-invariant processors on greedy batches
@@ -77,22 +92,59 @@ class SoftwatchObserver(LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         self._resolve()
-        if batch_update is None:
+        self._updates += 1
+        if batch_update is not None:
+            self._apply_batch_update(batch_update)
+        self._expire_parked()
+
+    def close(self) -> None:
+        """Record what is still followed (as cancelled), then flush records and metrics."""
+        if self._closed:
             return
-        for index in batch_update.removed:
-            self._finish(self._rows.pop(index, None))
-        for index, params, prompt, output in batch_update.added:
-            self._finish(self._rows.pop(index, None))  # an added request may take a finished one's slot
-            self._rows[index] = TrackedRequest(self._ids.next(params), params, prompt, output, self.model)
-        for a, b, direction in batch_update.moved:
+        self._closed = True
+        for request in [*self._rows.values(), *(r for r, _ in self._parked.values())]:
+            self._record(request)
+        self._rows.clear()
+        self._parked.clear()
+        self.recorder.close()
+
+    # ---- the batch ---------------------------------------------------------------------------
+    def _apply_batch_update(self, update: BatchUpdate) -> None:
+        """vLLM's order: removed, added, moved. A slot that an added request or a one-way move
+        fills may have held a request that left without being listed as removed."""
+        for index in update.removed:
+            self._leave(self._rows.pop(index, None))
+        for index, params, prompt, output in update.added:
+            self._leave(self._rows.pop(index, None))
+            parked = self._parked.pop(id(output), None)
+            self._rows[index] = parked[0] if parked else TrackedRequest(self._ids.next(params), params, prompt,
+                                                                        output, self.model)
+        for a, b, direction in update.moved:
             moving, there = self._rows.pop(a, None), self._rows.pop(b, None)
             if moving is not None:
                 self._rows[b] = moving
             if direction == MoveDirectionality.SWAP:
                 if there is not None:
                     self._rows[a] = there
-            else:  # a one-way move lands on the slot of a request that left
-                self._finish(there)
+            else:
+                self._leave(there)
+
+    def _leave(self, request: TrackedRequest | None) -> None:
+        if request is None:
+            return
+        if request.ended():
+            self._record(request)
+        else:  # preempted, not scheduled this step, or aborted: it may come back
+            self._parked[id(request.output)] = (request, self._updates)
+
+    def _expire_parked(self) -> None:
+        if not self._parked:
+            return
+        for key, (request, since) in list(self._parked.items()):
+            # with nothing running, nothing was preempted: whatever left was aborted
+            if not self._rows or self._updates - since > PARKED_STEPS:
+                del self._parked[key]
+                self._record(request)
 
     # ---- the statistics of a step ------------------------------------------------------------
     def _copy(self, logits: torch.Tensor) -> torch.Tensor:
@@ -106,34 +158,41 @@ class SoftwatchObserver(LogitsProcessor):
         step, self._step = self._step, None
         if step is None:
             return
-        index, tokens, owners = [], [], []
+        index, positions, owners = [], [], []
         for i, (request, position) in enumerate(zip(step.rows, step.positions)):
-            # a row whose request is still in a chunked prefill samples nothing; -1 is a placeholder
-            if request is not None and len(request.output) > position and request.output[position] >= 0:
+            # a row whose request is still in a chunked prefill samples nothing
+            if request is not None and len(request.output) > position:
                 index.append(i)
-                tokens.append(request.output[position])
+                positions.append(position)
                 owners.append(request)
         if not owners:
             return
         logits = step.logits if len(index) == len(step.rows) else step.logits[index]
+        tokens = [r.output[p] for r, p in zip(owners, positions)]
         stats = _step_stats(logits, tokens, owners)
-        for request, row in zip(owners, stats.unbind(0)):
-            request.observe(row, step.at)
+        for request, position, row in zip(owners, positions, stats.unbind(0)):
+            request.observe(position, row, step.at)
 
-    # ---- finished requests --------------------------------------------------------------------
-    def _finish(self, request: TrackedRequest | None) -> None:
-        if request is None:
-            return
+    # ---- recording ----------------------------------------------------------------------------
+    def _record(self, request: TrackedRequest) -> None:
         try:
             completion, prompt = request.completion(self.settings)
             self.recorder.record(completion, prompt)
         except Exception:  # noqa: BLE001 - observing must never break vLLM's step
             log.exception("softwatch: recording request %s failed", request.request_id)
 
-    def __del__(self):
-        recorder = getattr(self, "recorder", None)
-        if recorder is not None:
-            recorder.close()
+
+def _refuse_unsupported(vllm_config) -> None:
+    """Configurations in which a logits row is not one request's one sampled token."""
+    parallel, scheduler = vllm_config.parallel_config, vllm_config.scheduler_config
+    problems = []
+    if getattr(scheduler, "async_scheduling", False):
+        problems.append("asynchronous scheduling (the sampled tokens are placeholders when the observer reads them): "
+                        "pass --no-async-scheduling / async_scheduling=False")
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        problems.append("tensor or pipeline parallelism (every rank would record every request)")
+    if problems:
+        raise ValueError("softwatch observer: unsupported " + "; ".join(problems))
 
 
 def _step_stats(logits: torch.Tensor, tokens: list[int], owners: list[TrackedRequest]) -> torch.Tensor:
@@ -147,11 +206,13 @@ def _step_stats(logits: torch.Tensor, tokens: list[int], owners: list[TrackedReq
         device=str(logits.device),
         min_p=tuple(p.min_p for p in params),
     )
+    token_ids = torch.tensor(tokens, device=logits.device)
     if rows.any_filtered:
-        keep_min = keep_min_logit(sanitize(logits), rows)
+        x = sanitize(logits)
+        # fp32 rounding at a boundary must not leave out the token vLLM drew
+        keep_min = torch.minimum(keep_min_logit(x, rows), x.gather(1, token_ids[:, None]).squeeze(1))
     else:
         keep_min = torch.full((len(owners),), float("-inf"), device=logits.device)
-    token_ids = torch.tensor(tokens, device=logits.device)
     stats = softmax_stats(logits, token_ids, rows, keep_min)
     penalized = [r.penalized for r in owners]
     if any(penalized):

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..completion import Completion, DecodingParams, summarize
+from ..completion import Completion, DecodingParams, params_id, summarize
 from ..stats import FIELDS
 from .served import ServedModel
 from .settings import ObserverSettings
@@ -16,6 +16,9 @@ from .settings import ObserverSettings
 REQUEST_ID_KEY = "softwatch_request_id"  # in SamplingParams.extra_args (`vllm_xargs` over HTTP)
 TEMPLATE_KEY = "softwatch_template_version"
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it decodes greedily
+# vLLM options that shape the sampled distribution beyond DecodingParams, with their neutral values:
+# part of params_id when set, so that requests using them form regimes of their own
+VLLM_REGIME_OPTIONS = {"min_p": 0.0, "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
 
 
 class TrackedRequest:
@@ -28,7 +31,8 @@ class TrackedRequest:
         self.created, self.started = time.time(), time.perf_counter()
         self.first_at: float | None = None
         self.last_at: float | None = None
-        self.stats: list[torch.Tensor] = []  # one [F] row per observed token, on the device
+        self.positions: list[int] = []  # output positions observed, and their [F] rows on the device
+        self.stats: list[torch.Tensor] = []
         self.penalized = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
                           or params.presence_penalty != 0.0)
 
@@ -36,66 +40,93 @@ class TrackedRequest:
     def temperature(self) -> float:
         return self.params.temperature if self.params.temperature >= GREEDY_BELOW else 0.0
 
-    def observe(self, row: torch.Tensor, at: float) -> None:
+    def observe(self, position: int, row: torch.Tensor, at: float) -> None:
+        self.positions.append(position)
         self.stats.append(row)
         self.first_at = self.first_at or at
         self.last_at = at
 
+    def ended(self) -> bool:
+        """Whether what it generated shows that it finished (rather than left the batch for a while)."""
+        return self._finish_reason(list(self.output))[0] != "cancelled"
+
     def completion(self, settings: ObserverSettings) -> tuple[Completion, str | None]:
-        """The finished request, and its prompt text when text is stored."""
-        n = len(self.stats)
-        tokens = list(self.output[:n])
-        stats = torch.stack(self.stats).float().cpu() if n else torch.empty(0, len(FIELDS))
+        """The request as recorded, and its prompt text when text is stored."""
+        tokens = list(self.output)
         reason, n = self._finish_reason(tokens)
-        tokens, stats = tokens[:n], stats[:n]
+        tokens = tokens[:n]
+        stats = torch.full((n, len(FIELDS)), float("nan"))  # a position never observed stays NaN
+        if self.stats:
+            rows = torch.stack(self.stats).float().cpu()
+            kept = [i for i, p in enumerate(self.positions) if p < n]
+            stats[[self.positions[i] for i in kept]] = rows[kept]
         now = time.perf_counter()
         ttft = (self.first_at or now) - self.started
         latency = (self.last_at or now) - self.started
         summary = summarize(stats)
         summary.update(prompt_tokens=len(self.prompt or ()), generated_tokens=n, finish_reason=reason,
                        ttft_s=ttft, latency_s=latency)
+        completion = Completion(request_id=self.request_id, text="", token_ids=tokens,
+                                prompt_tokens=len(self.prompt or ()), finish_reason=reason, stats=stats,
+                                summary=summary, regime=self.regime(settings), created=self.created, ttft_s=ttft,
+                                latency_s=latency)
+        prompt = None
+        if settings.store_text:
+            completion.text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
+            prompt = self.model.tokenizer.decode(self.prompt or [], skip_special_tokens=False)
+        return completion, prompt
+
+    def regime(self, settings: ObserverSettings) -> dict:
         extra = self.params.extra_args or {}
         decoding = DecodingParams(temperature=self.temperature, top_p=self.params.top_p,
                                   top_k=max(self.params.top_k, 0),
                                   template_version=str(extra.get(TEMPLATE_KEY, settings.template_version)))
-        regime = {"model_id": self.model.model_id, "model_rev": self.model.model_rev,
-                  "params_id": decoding.params_id, **decoding.regime_params()}
-        text = prompt = None
-        if settings.store_text:
-            text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
-            prompt = self.model.tokenizer.decode(self.prompt or [], skip_special_tokens=False)
-        completion = Completion(request_id=self.request_id, text=text or "", token_ids=tokens,
-                                prompt_tokens=len(self.prompt or ()), finish_reason=reason, stats=stats,
-                                summary=summary, regime=regime, created=self.created, ttft_s=ttft, latency_s=latency)
-        return completion, prompt
+        named = decoding.regime_params()
+        options = {k: getattr(self.params, k) for k, neutral in VLLM_REGIME_OPTIONS.items()
+                   if getattr(self.params, k) != neutral}
+        return {"model_id": self.model.model_id, "model_rev": self.model.model_rev,
+                "params_id": params_id({**named, **options}), **named}
 
     def _finish_reason(self, tokens: list[int]) -> tuple[str, int]:
-        """Why the request left the batch, and how many of its tokens its answer holds. vLLM ends
-        a request on a stop token or its length in the engine, on a stop string in the API
-        process (which then aborts it, maybe a step later), and on an abort."""
+        """Why the request is done, and how many of its tokens its answer holds. vLLM ends a
+        request on a stop token or its length in the engine, on a stop string in the API process
+        (which then aborts it, maybe a step later: the tokens after the stop string are cut), and
+        on an abort ("cancelled")."""
         params, n = self.params, len(tokens)
-        if n and tokens[-1] in params.all_stop_token_ids:
-            return "stop", n
         if params.stop and n:
-            cut = _stop_string_end(self.model.tokenizer, tokens, params.stop)
+            cut = _stop_string_end(self.model.tokenizer, tokens, params.stop, params.skip_special_tokens)
             if cut is not None:
                 return "stop", cut
+        stop_tokens = set(params.stop_token_ids or ())
+        if params.eos_token_id is not None:  # None under ignore_eos
+            stop_tokens.add(params.eos_token_id)
+        if n and tokens[-1] in stop_tokens and n >= (params.min_tokens or 0):
+            return "stop", n
         max_tokens = params.max_tokens if params.max_tokens is not None else self.model.max_model_len
         if n >= max_tokens or len(self.prompt or ()) + n >= self.model.max_model_len:
             return "length", n
         return "cancelled", n
 
 
-def _stop_string_end(tokenizer, tokens: list[int], stop: str | list[str]) -> int | None:
-    """The fewest leading tokens whose text holds a stop string, or None."""
+def _stop_string_end(tokenizer, tokens: list[int], stop: str | list[str], skip_special: bool) -> int | None:
+    """The fewest leading tokens whose text holds a stop string, or None (a longer prefix's text
+    holds every stop string a shorter one does, so the cut is found by bisection)."""
     stops = [stop] if isinstance(stop, str) else list(stop)
-    if not any(s in tokenizer.decode(tokens, skip_special_tokens=True) for s in stops):
+
+    def holds(end: int) -> bool:
+        text = tokenizer.decode(tokens[:end], skip_special_tokens=skip_special)
+        return any(s in text for s in stops)
+
+    if not holds(len(tokens)):
         return None
-    for end in range(1, len(tokens) + 1):
-        text = tokenizer.decode(tokens[:end], skip_special_tokens=True)
-        if any(s in text for s in stops):
-            return end
-    return None
+    low, high = 1, len(tokens)
+    while low < high:
+        mid = (low + high) // 2
+        if holds(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return low
 
 
 class RequestIds:
