@@ -45,17 +45,22 @@ from .settings import ObserverSettings
 log = logging.getLogger("softwatch.vllm")
 
 SAMPLING_COLUMNS = [COLUMN["sampling_entropy"], COLUMN["sampling_logprob"]]
+TOKEN_COLUMNS = torch.tensor([COLUMN["logprob"], COLUMN["sampling_logprob"], COLUMN["rank"]])
 PARKED_STEPS = 256
 """Steps a request that left the batch without an evident end may stay away before it is
 recorded as cancelled (a preempted request usually returns within a few)."""
 
 
 class _Step:
-    """The logits of one `apply` and the requests of its rows, until their tokens are known."""
+    """One `apply`: the requests of its rows and either a copy of the logits, kept until the
+    tokens drawn from them are known, or (greedy batches on the CPU) the statistics already
+    computed for the argmax tokens vLLM is about to take."""
 
-    def __init__(self, logits: torch.Tensor, rows: list[TrackedRequest | None]):
-        self.logits = logits
+    def __init__(self, rows: list[TrackedRequest | None], logits: torch.Tensor | None = None,
+                 predicted: list[int] | None = None, stats: torch.Tensor | None = None):
         self.rows = rows
+        self.logits = logits
+        self.predicted, self.stats = predicted, stats
         self.positions = [len(r.output) if r is not None else -1 for r in rows]
         self.at = time.perf_counter()
 
@@ -86,8 +91,16 @@ class SoftwatchObserver(LogitsProcessor):
         return False  # vLLM skips argmax-invariant processors on greedy batches
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if self._rows:
-            self._step = _Step(self._copy(logits), [self._rows.get(i) for i in range(logits.shape[0])])
+        if not self._rows:
+            return logits
+        rows = [self._rows.get(i) for i in range(logits.shape[0])]
+        if not logits.is_cuda and all(r is not None and r.argmax_decoded for r in rows):
+            # vLLM will take each row's argmax: the statistics need no copy and no waiting. On the
+            # CPU reading the tokens costs nothing; on CUDA it would be a sync per step.
+            tokens = logits.argmax(dim=1)
+            self._step = _Step(rows, predicted=tokens.tolist(), stats=_step_stats(logits, tokens, rows))
+        else:
+            self._step = _Step(rows, logits=self._copy(logits))
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -167,9 +180,17 @@ class SoftwatchObserver(LogitsProcessor):
                 owners.append(request)
         if not owners:
             return
-        logits = step.logits if len(index) == len(step.rows) else step.logits[index]
         tokens = [r.output[p] for r, p in zip(owners, positions)]
-        stats = _step_stats(logits, tokens, owners)
+        if step.stats is None:
+            logits = step.logits if len(index) == len(step.rows) else step.logits[index]
+            stats = _step_stats(logits, torch.tensor(tokens, device=logits.device), owners)
+        else:
+            stats = step.stats[index]
+            wrong = [j for j, (i, token) in enumerate(zip(index, tokens)) if step.predicted[i] != token]
+            if wrong:  # not the argmax after all (a tie vLLM broke otherwise): no token-dependent fields
+                log.warning("softwatch: %d greedy tokens were not the argmax the observer saw", len(wrong))
+                for j in wrong:
+                    stats[j, TOKEN_COLUMNS] = float("nan")
         for request, position, row in zip(owners, positions, stats.unbind(0)):
             request.observe(position, row, step.at)
 
@@ -195,8 +216,8 @@ def _refuse_unsupported(vllm_config) -> None:
         raise ValueError("softwatch observer: unsupported " + "; ".join(problems))
 
 
-def _step_stats(logits: torch.Tensor, tokens: list[int], owners: list[TrackedRequest]) -> torch.Tensor:
-    """[len(owners), F] statistics of the rows, against vLLM's sampling set."""
+def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor, owners: list[TrackedRequest]) -> torch.Tensor:
+    """[len(owners), F] statistics of the rows for the tokens [len(owners)], against vLLM's sampling set."""
     params = [r.params for r in owners]
     rows = RowParams(
         temperature=tuple(r.temperature for r in owners),
@@ -206,7 +227,6 @@ def _step_stats(logits: torch.Tensor, tokens: list[int], owners: list[TrackedReq
         device=str(logits.device),
         min_p=tuple(p.min_p for p in params),
     )
-    token_ids = torch.tensor(tokens, device=logits.device)
     if rows.any_filtered:
         x = sanitize(logits)
         # fp32 rounding at a boundary must not leave out the token vLLM drew

@@ -40,6 +40,11 @@ class TrackedRequest:
     def temperature(self) -> float:
         return self.params.temperature if self.params.temperature >= GREEDY_BELOW else 0.0
 
+    @property
+    def argmax_decoded(self) -> bool:
+        """vLLM takes the argmax of the logits the observer sees: greedy, nothing applied after it."""
+        return self.temperature == 0.0 and not self.penalized
+
     def observe(self, position: int, row: torch.Tensor, at: float) -> None:
         self.positions.append(position)
         self.stats.append(row)
