@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     bvllm.add_argument("--batch", type=int, default=8)
     bvllm.add_argument("--new-tokens", type=int, default=64)
     bvllm.add_argument("--repeats", type=int, default=3)
+    bvllm.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    bvllm.add_argument("--top-p", type=float, default=1.0)
     bvllm.add_argument("--json", action="store_true")
 
     store = bench_sub.add_parser("store", help="Parquet write throughput and a summary query over the rows")
@@ -317,7 +319,7 @@ def _bench_vllm(args) -> int:
     if args.batch < 1 or args.new_tokens < 1 or args.repeats < 1:
         raise ValueError("--batch, --new-tokens and --repeats must be >= 1")
     result = bench_vllm(args.model, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats,
-                        progress=bench.print_progress)
+                        temperature=args.temperature, top_p=args.top_p, progress=bench.print_progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -51,7 +51,7 @@ OVERFLOW_BOUND = 88.72
 
 def softmax_stats(
     logits: torch.Tensor,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | None,
     rows: RowParams,
     keep_min: torch.Tensor | None = None,
     overflow_bound: float = OVERFLOW_BOUND,
@@ -59,14 +59,16 @@ def softmax_stats(
 ) -> torch.Tensor:
     """Every token field for every row: a float32 [B, len(FIELDS)] tensor, columns in FIELDS order.
 
-    `tokens` [B] are the emitted tokens; `keep_min` [B] the sampling-set threshold from
+    `tokens` [B] are the emitted tokens, or None when every row emits one of its argmax tokens
+    (greedy decoding of these very logits: no fields depend on which), which spares finding
+    the index; `keep_min` [B] the sampling-set threshold from
     `sampling.keep_min_logit` (computed here when not given). Integer fields are exact in
     float32 up to 2**24. `backend` is "auto" (Triton on CUDA when available), "torch" or "triton".
     """
-    if logits.dim() != 2 or tokens.shape != logits.shape[:1] or len(rows) != logits.shape[0]:
+    if logits.dim() != 2 or (tokens is not None and tokens.shape != logits.shape[:1]) or len(rows) != logits.shape[0]:
         raise ValueError(
             f"expected logits [B, V], tokens [B] and B row parameters; got {tuple(logits.shape)}, "
-            f"{tuple(tokens.shape)} and {len(rows)}"
+            f"{None if tokens is None else tuple(tokens.shape)} and {len(rows)}"
         )
     if keep_min is None:
         keep_min = keep_min_logit(sanitize(logits), rows)
@@ -75,6 +77,8 @@ def softmax_stats(
     if backend == "triton":
         from .stats_kernel import triton_softmax_stats
 
+        if tokens is None:
+            tokens = logits.argmax(dim=1)
         return triton_softmax_stats(logits, tokens, rows.temperature_t, keep_min, overflow_bound, _pi_differs(rows))
     return torch_softmax_stats(logits, tokens, rows, keep_min, overflow_bound)
 
@@ -126,14 +130,13 @@ def _tail(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def torch_softmax_stats(
     logits: torch.Tensor,
-    tokens: torch.Tensor,
+    tokens: torch.Tensor | None,
     rows: RowParams,
     keep_min: torch.Tensor,
     overflow_bound: float = OVERFLOW_BOUND,
 ) -> torch.Tensor:
     """The PyTorch path: a dozen memory-bound passes over [B, V], fewer for a clean CPU batch."""
     raw = logits.float()
-    y = tokens.long()[:, None]
     m = raw.amax(dim=1, keepdim=True)
     clean = not raw.is_cuda and _clean(raw, m, overflow_bound)
     if clean:
@@ -146,8 +149,8 @@ def torch_softmax_stats(
         # |x| > bound also holds for the fill value of every non-finite entry.
         overflow = _count_above(x.abs(), x.new_full((1, 1), overflow_bound)) - nonfinite
 
-    x_y = x.gather(1, y)
-    if clean and bool((x_y >= m).all()):  # every token is its row's argmax, as in greedy decoding
+    x_y = m if tokens is None else x.gather(1, tokens.long()[:, None])
+    if tokens is None or clean and bool((x_y >= m).all()):  # every token is its row's argmax, as in greedy decoding
         rank = x.new_zeros(x.shape[0])
     else:
         rank = _count_above(x, x_y)

@@ -179,3 +179,14 @@ def test_keep_min_matches_a_full_sort_when_the_nucleus_is_wide():
         before = torch.cumsum(probs, 0) - probs
         kept = (before < rows.top_p[i]) & (torch.arange(4000) < (rows.top_k[i] or 4000))
         assert got[i].item() == order[int(kept.sum()) - 1].item()
+
+
+def test_argmax_tokens_left_implicit_give_the_same_fields():
+    """tokens=None (greedy decoding of these very logits) equals passing each row's argmax."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, 1000) * 4
+    rows = RowParams(temperature=(0.0,) * 6, top_k=(0,) * 6, top_p=(1.0,) * 6, seed=(0,) * 6)
+    keep_min = torch.full((6,), float("-inf"))
+    implicit = softmax_stats(logits, None, rows, keep_min, backend="torch")
+    explicit = softmax_stats(logits, logits.argmax(dim=1), rows, keep_min, backend="torch")
+    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)

@@ -25,8 +25,8 @@ from ..prompts import prompt_set
 VLLM_VARIANTS = ("plain", "observed", "logprobs")
 
 
-def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 3,
-               progress: Callable[[str], None] = lambda _: None) -> dict:
+def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 3, temperature: float = 0.0,
+               top_p: float = 1.0, progress: Callable[[str], None] = lambda _: None) -> dict:
     from ..completion import DecodingParams
     from ..engine import Engine
     from ..models import load_model
@@ -38,11 +38,11 @@ def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 
     try:
         for variant in VLLM_VARIANTS:
             progress(f"starting vLLM ({variant})")
-            engines[variant] = _EngineProcess(context, model, variant, data)
+            engines[variant] = _EngineProcess(context, model, variant, data, temperature, top_p)
         info = {variant: engine.call("ready") for variant, engine in engines.items()}
         lm = load_model(model)
         own_engine = Engine(lm, max_batch=batch)
-        own = DecodingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        own = DecodingParams(temperature=temperature, top_p=top_p, max_tokens=new_tokens, ignore_eos=True, seed=0)
 
         lockstep(engines, prompts, new_tokens, rotation=0)  # warm-up: first steps allocate
         own_engine.generate(prompts, own)
@@ -57,8 +57,9 @@ def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 
                 seconds[variant] += t
             same_tokens &= tokens["observed"] == tokens["plain"]
             per_repeat.append({"overhead_ratio": times["observed"] / times["plain"],
-                               "vllm_logprobs_ratio": times["logprobs"] / times["plain"],
-                               "softwatch_same_tokens": own_tokens == tokens["plain"]})
+                               "vllm_logprobs_ratio": times["logprobs"] / times["plain"]})
+            if temperature == 0:
+                per_repeat[-1]["softwatch_same_tokens"] = own_tokens == tokens["plain"]
             progress(f"repeat {r + 1}/{repeats}: observer {per_repeat[-1]['overhead_ratio']:.3f}x plain")
     finally:
         for engine in engines.values():
@@ -67,6 +68,7 @@ def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 
     generated = batch * new_tokens * repeats
     return {
         "model": lm.model_id, "device": info["plain"]["device"], "dtype": info["plain"]["dtype"], "batch": batch,
+        "temperature": temperature, "top_p": top_p,
         "new_tokens": new_tokens, "repeats": repeats, "vllm_version": info["plain"]["vllm_version"],
         **{f"{v}_tok_s": generated / t for v, t in seconds.items()},
         "overhead_ratio": seconds["observed"] / seconds["plain"],
@@ -81,7 +83,7 @@ def bench_vllm(model: str, batch: int = 8, new_tokens: int = 64, repeats: int = 
 
 
 def lockstep(engines: dict, prompts: list[str], new_tokens: int, rotation: int) -> tuple[dict, dict]:
-    """Decode `prompts` greedily on every engine, one step each in turn; seconds and tokens per variant."""
+    """Decode `prompts` on every engine, one step each in turn; seconds and tokens per variant."""
     names = list(engines)
     for engine in engines.values():
         engine.call("add", prompts, new_tokens)
@@ -103,9 +105,10 @@ def lockstep(engines: dict, prompts: list[str], new_tokens: int, rotation: int) 
 class _EngineProcess:
     """One vLLM engine in a child process, driven step by step over a pipe."""
 
-    def __init__(self, context, model: str, variant: str, data: str):
+    def __init__(self, context, model: str, variant: str, data: str, temperature: float, top_p: float):
         self._pipe, child = context.Pipe()
-        self._process = context.Process(target=_serve_engine, args=(child, model, variant, data), daemon=True)
+        self._process = context.Process(target=_serve_engine, args=(child, model, variant, data, temperature, top_p),
+                                        daemon=True)
         self._process.start()
 
     def call(self, *command):
@@ -125,7 +128,7 @@ class _EngineProcess:
             self._process.kill()
 
 
-def _serve_engine(pipe, model: str, variant: str, data: str) -> None:
+def _serve_engine(pipe, model: str, variant: str, data: str, temperature: float, top_p: float) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -159,10 +162,10 @@ def _serve_engine(pipe, model: str, variant: str, data: str) -> None:
                            "torch_threads": torch.get_num_threads()})
             elif command[0] == "add":
                 prompts, new_tokens = command[1:]
-                params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True,
-                                        logprobs=1 if variant == "logprobs" else None)
                 outputs.clear()
-                for i, prompt in enumerate(prompts):
+                for i, prompt in enumerate(prompts):  # seeded per prompt: every variant draws the same tokens
+                    params = SamplingParams(temperature=temperature, top_p=top_p, seed=i, max_tokens=new_tokens,
+                                            ignore_eos=True, logprobs=1 if variant == "logprobs" else None)
                     engine.add_request(f"{added}-{i}", prompt, params)
                 added += 1
                 pipe.send(None)

@@ -37,7 +37,7 @@ from ..host import keep_freed_memory
 from ..records import RecordContext
 from ..recorder import Recorder
 from ..sampling import RowParams, sanitize
-from ..stats import COLUMN, softmax_stats
+from ..stats import COLUMN, OVERFLOW_BOUND, softmax_stats
 from .requests import RequestIds, TrackedRequest
 from .sampling_set import keep_min_logit
 from .settings import ObserverSettings
@@ -45,7 +45,6 @@ from .settings import ObserverSettings
 log = logging.getLogger("softwatch.vllm")
 
 SAMPLING_COLUMNS = [COLUMN["sampling_entropy"], COLUMN["sampling_logprob"]]
-TOKEN_COLUMNS = torch.tensor([COLUMN["logprob"], COLUMN["sampling_logprob"], COLUMN["rank"]])
 PARKED_STEPS = 256
 """Steps a request that left the batch without an evident end may stay away before it is
 recorded as cancelled (a preempted request usually returns within a few)."""
@@ -57,10 +56,9 @@ class _Step:
     computed for the argmax tokens vLLM is about to take."""
 
     def __init__(self, rows: list[TrackedRequest | None], logits: torch.Tensor | None = None,
-                 predicted: list[int] | None = None, stats: torch.Tensor | None = None):
+                 stats: torch.Tensor | None = None):
         self.rows = rows
-        self.logits = logits
-        self.predicted, self.stats = predicted, stats
+        self.logits, self.stats = logits, stats
         self.positions = [len(r.output) if r is not None else -1 for r in rows]
         self.at = time.perf_counter()
 
@@ -84,6 +82,7 @@ class SoftwatchObserver(LogitsProcessor):
         self._step: _Step | None = None
         self._buffer = torch.empty(0, device=device)
         self._ids = RequestIds()
+        self._row_params: tuple[list[TrackedRequest], RowParams] | None = None  # per batch composition
         self._closed = False
         atexit.register(self.close)
 
@@ -94,11 +93,10 @@ class SoftwatchObserver(LogitsProcessor):
         if not self._rows:
             return logits
         rows = [self._rows.get(i) for i in range(logits.shape[0])]
-        if not logits.is_cuda and all(r is not None and r.argmax_decoded for r in rows):
-            # vLLM will take each row's argmax: the statistics need no copy and no waiting. On the
-            # CPU reading the tokens costs nothing; on CUDA it would be a sync per step.
-            tokens = logits.argmax(dim=1)
-            self._step = _Step(rows, predicted=tokens.tolist(), stats=_step_stats(logits, tokens, rows))
+        if not logits.is_cuda and all(r is not None and r.argmax_decoded for r in rows) and _clean(logits):
+            # vLLM will take an argmax of each row, and no field depends on which: the statistics
+            # need no copy, no waiting and no token. (CPU only: the check reads the host.)
+            self._step = _Step(rows, stats=self._stats(logits, None, rows))
         else:
             self._step = _Step(rows, logits=self._copy(logits))
         return logits
@@ -180,19 +178,20 @@ class SoftwatchObserver(LogitsProcessor):
                 owners.append(request)
         if not owners:
             return
-        tokens = [r.output[p] for r, p in zip(owners, positions)]
         if step.stats is None:
             logits = step.logits if len(index) == len(step.rows) else step.logits[index]
-            stats = _step_stats(logits, torch.tensor(tokens, device=logits.device), owners)
+            tokens = [r.output[p] for r, p in zip(owners, positions)]
+            stats = self._stats(logits, torch.tensor(tokens, device=logits.device), owners)
         else:
-            stats = step.stats[index]
-            wrong = [j for j, (i, token) in enumerate(zip(index, tokens)) if step.predicted[i] != token]
-            if wrong:  # not the argmax after all (a tie vLLM broke otherwise): no token-dependent fields
-                log.warning("softwatch: %d greedy tokens were not the argmax the observer saw", len(wrong))
-                for j in wrong:
-                    stats[j, TOKEN_COLUMNS] = float("nan")
+            stats = step.stats if len(index) == len(step.rows) else step.stats[index]
         for request, position, row in zip(owners, positions, stats.unbind(0)):
             request.observe(position, row, step.at)
+
+    def _stats(self, logits: torch.Tensor, token_ids: torch.Tensor | None, owners: list[TrackedRequest]) -> torch.Tensor:
+        cached = self._row_params
+        if cached is None or len(cached[0]) != len(owners) or any(a is not b for a, b in zip(cached[0], owners)):
+            cached = self._row_params = (list(owners), _row_params(owners, logits.device))  # a new batch composition
+        return _step_stats(logits, token_ids, owners, cached[1])
 
     # ---- recording ----------------------------------------------------------------------------
     def _record(self, request: TrackedRequest) -> None:
@@ -216,17 +215,26 @@ def _refuse_unsupported(vllm_config) -> None:
         raise ValueError("softwatch observer: unsupported " + "; ".join(problems))
 
 
-def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor, owners: list[TrackedRequest]) -> torch.Tensor:
-    """[len(owners), F] statistics of the rows for the tokens [len(owners)], against vLLM's sampling set."""
+def _row_params(owners: list[TrackedRequest], device: torch.device) -> RowParams:
     params = [r.params for r in owners]
-    rows = RowParams(
+    return RowParams(
         temperature=tuple(r.temperature for r in owners),
         top_k=tuple(max(p.top_k, 0) for p in params),
         top_p=tuple(p.top_p for p in params),
         seed=(0,) * len(params),
-        device=str(logits.device),
+        device=str(device),
         min_p=tuple(p.min_p for p in params),
     )
+
+
+def _clean(logits: torch.Tensor) -> bool:
+    """Every logit finite and within the overflow bound: an argmax is then a real token."""
+    return bool(logits.amax() <= OVERFLOW_BOUND and logits.amin() >= -OVERFLOW_BOUND)
+
+
+def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor | None, owners: list[TrackedRequest],
+                rows: RowParams) -> torch.Tensor:
+    """[len(owners), F] statistics of the rows for the tokens [len(owners)], against vLLM's sampling set."""
     if rows.any_filtered:
         x = sanitize(logits)
         # fp32 rounding at a boundary must not leave out the token vLLM drew
