@@ -139,6 +139,7 @@ def summarize(stats: torch.Tensor | None, extra_nonfinite: float = 0.0, extra_ov
         "min_top_prob": agg("top_prob", torch.min),
         "p10_top_prob": agg("top_prob", lambda v: torch.quantile(v, 0.1)),
         "mean_margin": agg("margin", torch.mean),
-        "nonfinite": int(col["nonfinite"].sum()) + int(extra_nonfinite),
-        "overflow": int(col["overflow"].sum()) + int(extra_overflow),
+        # nansum: a position an engine could not observe is a NaN row
+        "nonfinite": int(col["nonfinite"].nansum()) + int(extra_nonfinite),
+        "overflow": int(col["overflow"].nansum()) + int(extra_overflow),
     }

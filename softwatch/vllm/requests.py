@@ -51,8 +51,8 @@ class TrackedRequest:
         self.first_at = self.first_at or at
         self.last_at = at
 
-    def ended(self) -> bool:
-        """Whether what it generated shows that it finished (rather than left the batch for a while)."""
+    def done(self) -> bool:
+        """Whether its tokens show that it finished: a stop token, its length, a stop string."""
         return self._finish_reason(list(self.output))[0] != "cancelled"
 
     def completion(self, settings: ObserverSettings) -> tuple[Completion, str | None]:
@@ -99,7 +99,8 @@ class TrackedRequest:
         on an abort ("cancelled")."""
         params, n = self.params, len(tokens)
         if params.stop and n:
-            cut = _stop_string_end(self.model.tokenizer, tokens, params.stop, params.skip_special_tokens)
+            cut = _stop_string_end(self.model.tokenizer, tokens, params.stop, params.skip_special_tokens,
+                                   params.min_tokens or 0)
             if cut is not None:
                 return "stop", cut
         stop_tokens = set(params.stop_token_ids or ())
@@ -113,14 +114,17 @@ class TrackedRequest:
         return "cancelled", n
 
 
-def _stop_string_end(tokenizer, tokens: list[int], stop: str | list[str], skip_special: bool) -> int | None:
-    """The fewest leading tokens whose text holds a stop string, or None (a longer prefix's text
-    holds every stop string a shorter one does, so the cut is found by bisection)."""
+def _stop_string_end(tokenizer, tokens: list[int], stop: str | list[str], skip_special: bool,
+                     min_tokens: int) -> int | None:
+    """The fewest leading tokens whose text holds a stop string ending after the first
+    `min_tokens` tokens' text (vLLM looks no earlier), or None. A longer prefix's text holds
+    every stop string a shorter one does, so the cut is found by bisection."""
     stops = [stop] if isinstance(stop, str) else list(stop)
+    start = len(tokenizer.decode(tokens[:min_tokens], skip_special_tokens=skip_special)) if min_tokens else 0
 
     def holds(end: int) -> bool:
         text = tokenizer.decode(tokens[:end], skip_special_tokens=skip_special)
-        return any(s in text for s in stops)
+        return any(s in text[max(0, start - len(s) + 1):] for s in stops)
 
     if not holds(len(tokens)):
         return None
