@@ -46,7 +46,7 @@ from ..host import keep_freed_memory
 from ..records import RecordContext
 from ..recorder import Recorder
 from ..sampling import RowParams, sanitize
-from ..stats import COLUMN, OVERFLOW_BOUND, softmax_stats
+from ..stats import COLUMN, softmax_stats
 from .requests import RequestIds, TrackedRequest
 from .sampling_set import keep_min_logit
 from .settings import ObserverSettings
@@ -54,6 +54,7 @@ from .settings import ObserverSettings
 log = logging.getLogger("softwatch.vllm")
 
 SAMPLING_COLUMNS = [COLUMN["sampling_entropy"], COLUMN["sampling_logprob"]]
+COUNT_COLUMNS = [COLUMN["nonfinite"], COLUMN["overflow"]]
 PARKED_STEPS = 100_000
 """A backstop: steps a request that left the batch may stay parked while something else still
 holds its output list."""
@@ -138,13 +139,15 @@ class SoftwatchObserver(LogitsProcessor):
 
     def _observe(self, logits: torch.Tensor) -> None:
         rows = [self._rows.get(i) for i in range(logits.shape[0])]
-        if (not logits.is_cuda and self._greedy_is_argmax and all(r is not None and r.argmax_decoded for r in rows)
-                and _clean(logits)):
+        if not logits.is_cuda and self._greedy_is_argmax and all(r is not None and r.argmax_decoded for r in rows):
             # vLLM will take an argmax of each row, and no field depends on which: the statistics
-            # need no copy, no waiting and no token. (CPU only: the check reads the host.)
-            self._step = _Step(rows, stats=self._stats(logits, None, rows))
-        else:
-            self._step = _Step(rows, logits=self._copy(logits))
+            # need no copy, no waiting and no token, provided every logit is finite and in bound
+            # (else the argmax may be a NaN or an infinity). CPU only: the check reads the host.
+            stats = self._stats(logits, None, rows)
+            if not bool(stats[:, COUNT_COLUMNS].any()):
+                self._step = _Step(rows, stats=stats)
+                return
+        self._step = _Step(rows, logits=self._copy(logits))
 
     def _update(self, batch_update: BatchUpdate | None) -> None:
         self._resolve()
@@ -290,11 +293,6 @@ def _released(request: TrackedRequest) -> bool:
 def _names_observer(processor) -> bool:
     name = processor if isinstance(processor, str) else f"{processor.__module__}:{processor.__qualname__}"
     return name.endswith("SoftwatchObserver")
-
-
-def _clean(logits: torch.Tensor) -> bool:
-    """Every logit finite and within the overflow bound: an argmax is then a real token."""
-    return bool(logits.amax() <= OVERFLOW_BOUND and logits.amin() >= -OVERFLOW_BOUND)
 
 
 def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor | None, owners: list[TrackedRequest],
