@@ -6,7 +6,7 @@ import torch
 
 from .reference import reference_stats
 from softwatch.sampling import RowParams, keep_min_logit, sample, sanitize
-from softwatch.stats import COLUMN, FIELDS, softmax_stats, triton_available
+from softwatch.stats import COLUMN, FIELDS, greedy_stats, softmax_stats, triton_available
 
 # The Triton kernel runs on CUDA, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -181,12 +181,25 @@ def test_keep_min_matches_a_full_sort_when_the_nucleus_is_wide():
         assert got[i].item() == order[int(kept.sum()) - 1].item()
 
 
-def test_argmax_tokens_left_implicit_give_the_same_fields():
-    """tokens=None (greedy decoding of these very logits) equals passing each row's argmax."""
+def test_greedy_stats_equal_the_fields_of_the_argmax_token():
+    """greedy_stats (greedy decoding of these very logits, CPU) gives what softmax_stats gives
+    for each row's argmax token at temperature 0, on rows with exact ties for the maximum and
+    rows that are nearly a point mass, and matches a float64 recomputation."""
     torch.manual_seed(4)
     logits = torch.randn(6, 1000) * 4
+    logits[1, [3, 700]] = logits[1].max() + 1.0  # a tie for the maximum
+    logits[2, 5] = 60.0  # nearly a point mass: entropy far below fp32's resolution of 1
+    logits[3] = torch.linspace(-88.0, 88.0, 1000)  # the whole in-bound range
     rows = RowParams(temperature=(0.0,) * 6, top_k=(0,) * 6, top_p=(1.0,) * 6, seed=(0,) * 6)
-    keep_min = torch.full((6,), float("-inf"))
-    implicit = softmax_stats(logits, None, rows, keep_min, backend="torch")
-    explicit = softmax_stats(logits, logits.argmax(dim=1), rows, keep_min, backend="torch")
-    torch.testing.assert_close(implicit, explicit, rtol=0, atol=0)
+    tokens = logits.argmax(dim=1)
+    got = greedy_stats(logits)
+    torch.testing.assert_close(got, softmax_stats(logits, tokens, rows, backend="torch"), rtol=2e-6, atol=1e-7)
+    assert_matches(got.double(), reference_stats(logits, tokens, [0.0] * 6, [0] * 6, [1.0] * 6), rtol=1e-5)
+    assert got[1, COLUMN["margin"]] == 0 and got[2, COLUMN["entropy"]] > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 89.0, -89.0])
+def test_greedy_stats_refuse_logits_whose_argmax_needs_the_token(bad):
+    logits = torch.randn(3, 100)
+    logits[1, 7] = bad
+    assert greedy_stats(logits) is None

@@ -46,7 +46,7 @@ from ..host import keep_freed_memory
 from ..records import RecordContext
 from ..recorder import Recorder
 from ..sampling import RowParams, sanitize
-from ..stats import COLUMN, softmax_stats
+from ..stats import COLUMN, greedy_stats, softmax_stats
 from .requests import RequestIds, TrackedRequest
 from .sampling_set import keep_min_logit
 from .settings import ObserverSettings
@@ -54,7 +54,6 @@ from .settings import ObserverSettings
 log = logging.getLogger("softwatch.vllm")
 
 SAMPLING_COLUMNS = [COLUMN["sampling_entropy"], COLUMN["sampling_logprob"]]
-COUNT_COLUMNS = [COLUMN["nonfinite"], COLUMN["overflow"]]
 PARKED_STEPS = 100_000
 """A backstop: steps a request that left the batch may stay parked while something else still
 holds its output list."""
@@ -143,8 +142,8 @@ class SoftwatchObserver(LogitsProcessor):
             # vLLM will take an argmax of each row, and no field depends on which: the statistics
             # need no copy, no waiting and no token, provided every logit is finite and in bound
             # (else the argmax may be a NaN or an infinity). CPU only: the check reads the host.
-            stats = self._stats(logits, None, rows)
-            if not bool(stats[:, COUNT_COLUMNS].any()):
+            stats = greedy_stats(logits)
+            if stats is not None:
                 self._step = _Step(rows, stats=stats)
                 return
         self._step = _Step(rows, logits=self._copy(logits))
@@ -245,7 +244,7 @@ class SoftwatchObserver(LogitsProcessor):
         for request, position, row in zip(owners, positions, stats.unbind(0)):
             request.observe(position, row, step.at)
 
-    def _stats(self, logits: torch.Tensor, token_ids: torch.Tensor | None, owners: list[TrackedRequest]) -> torch.Tensor:
+    def _stats(self, logits: torch.Tensor, token_ids: torch.Tensor, owners: list[TrackedRequest]) -> torch.Tensor:
         cached = self._row_params
         if cached is None or len(cached[0]) != len(owners) or any(a is not b for a, b in zip(cached[0], owners)):
             cached = self._row_params = (list(owners), _row_params(owners, logits.device))  # a new batch composition
@@ -295,7 +294,7 @@ def _names_observer(processor) -> bool:
     return name.endswith("SoftwatchObserver")
 
 
-def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor | None, owners: list[TrackedRequest],
+def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor, owners: list[TrackedRequest],
                 rows: RowParams) -> torch.Tensor:
     """[len(owners), F] statistics of the rows for the tokens [len(owners)], against vLLM's sampling set."""
     if rows.any_filtered:
