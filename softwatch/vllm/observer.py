@@ -47,6 +47,7 @@ from ..records import RecordContext
 from ..recorder import Recorder
 from ..sampling import RowParams, sanitize
 from ..stats import COLUMN, greedy_stats, softmax_stats
+from .handoff import Handoff, registered
 from .requests import RequestIds, TrackedRequest
 from .sampling_set import keep_min_logit
 from .settings import ObserverSettings
@@ -311,10 +312,12 @@ def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor, owners: list[Trac
     return stats
 
 
-def _recorder(settings: ObserverSettings, context: RecordContext) -> Recorder:
+def _recorder(settings: ObserverSettings, context: RecordContext) -> Recorder | Handoff:
     from ..store import ParquetSink
     from ..telemetry import Telemetry
 
+    if settings.handoff:
+        return registered(settings.handoff)
     root = settings.data_root
     # vLLM shuts its engine down in its own order on SIGTERM; the sink closes with the observer
     sink = ParquetSink(root, token_sample_rate=settings.token_sample_rate, flush_interval_s=settings.flush_interval_s,

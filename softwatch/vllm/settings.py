@@ -26,6 +26,7 @@ class ObserverSettings:
     store_text: bool = False
     token_sample_rate: float = 1.0
     flush_interval_s: float = 10.0
+    handoff: str | None = None  # a `handoff.Handoff` key: give completions to it instead of recording them
 
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> ObserverSettings:
@@ -40,6 +41,9 @@ class ObserverSettings:
                              f"got {settings.metrics!r}")
         if not 0 <= settings.token_sample_rate <= 1:
             raise ValueError(f"additional_config.{KEY}.token_sample_rate: must be in [0, 1]")
+        if settings.handoff and settings.data:
+            raise ValueError(f"additional_config.{KEY}: `handoff` and `data` exclude each other "
+                             "(with a handoff its owner records)")
         return settings
 
     @property

@@ -1,0 +1,205 @@
+"""softwatch's engine interface (`submit`, `step`, `cancel`, `has_work`) over vLLM's engine, so
+that everything that drives softwatch's own engine — the serve replica's decode thread with its
+records, streaming, cancellation and health — drives vLLM unchanged.
+
+vLLM's engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so `step()` is one
+decode step and the observer, which vLLM builds in this process, hands each finished request's
+`Completion` (tokens, statistics, regime) back through a `Handoff` instead of recording it: the
+caller records it before it answers, as with softwatch's own engine. vLLM gives the text, the
+streamed tokens and their logprobs; the observer gives the statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs
+from . import engine_kwargs, use_v1_model_runner
+from .handoff import Handoff
+from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
+from .served import ServedModel, served_model
+from .settings import ObserverSettings
+
+CANCELLED_UNSEEN_S = 2.0
+"""A cancelled request the observer never saw (still queued in vLLM) is forgotten after this
+long without a completion; the own engine drops such a request without a record too."""
+
+
+@dataclass
+class ServedLM:
+    """What the serve replica reads of its model (softwatch's `LoadedModel` for its own engine)."""
+
+    served: ServedModel
+    vocab_size: int
+
+    model_id = property(lambda self: self.served.model_id)
+    model_rev = property(lambda self: self.served.model_rev)
+    context_length = property(lambda self: self.served.max_model_len)
+
+    @cached_property
+    def tokenizer(self):
+        return self.served.tokenizer
+
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        eos = self.tokenizer.eos_token_id
+        return frozenset() if eos is None else frozenset([eos])
+
+
+@dataclass
+class _Request:
+    params: DecodingParams
+    prompt_tokens: int
+    on_token: Callable[[int, TokenLogprobs | None], None] | None
+    created: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    sent: int = 0  # output tokens passed on so far
+    logprobs: list[TokenLogprobs] | None = None
+    text: str | None = None  # vLLM's final text (stop strings cut)
+    finish_reason: str | None = None  # vLLM's, once it finished
+    token_ids: list[int] = field(default_factory=list)
+    cancelled_at: float | None = None
+
+
+class VLLMEngine:
+    """Continuous batching by vLLM, observed. Not thread-safe: one caller drives `step()`."""
+
+    def __init__(self, model: str = "SmolLM2-135M-Instruct", max_batch: int = 32, observe: bool = True,
+                 **vllm_overrides):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        use_v1_model_runner()
+        import vllm
+
+        self.max_batch = max_batch
+        self.observe = observe
+        self.handoff = Handoff() if observe else None
+        settings = ObserverSettings(handoff=self.handoff.key, metrics="none") if observe else ObserverSettings()
+        kwargs = engine_kwargs(model, settings, max_num_seqs=max_batch, **vllm_overrides)
+        named = ObserverSettings.from_additional_config(kwargs["additional_config"])  # with the model's name
+        if not observe:
+            del kwargs["logits_processors"], kwargs["additional_config"]
+        self._engine = vllm.LLM(**kwargs).llm_engine
+        config = self._engine.vllm_config
+        self.lm = ServedLM(served_model(config, named), int(config.model_config.get_vocab_size()))
+        self._requests: dict[str, _Request] = {}
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: DecodingParams, request_id: str,
+               on_token: Callable[[int, TokenLogprobs | None], None] | None = None) -> str:
+        """Queue a request (token ids, already encoded and checked against the context); it
+        joins vLLM's batch at the next step."""
+        from vllm import SamplingParams
+
+        if request_id in self._requests:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        wants_logprobs = params.logprobs or params.top_logprobs > 0
+        sampling = SamplingParams(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_tokens,
+            stop=list(params.stop), seed=params.seed, ignore_eos=params.ignore_eos,
+            logprobs=params.top_logprobs if wants_logprobs else None,
+            extra_args={REQUEST_ID_KEY: request_id, TEMPLATE_KEY: params.template_version},
+        )
+        self._engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, sampling)
+        self._requests[request_id] = _Request(params, len(prompt_ids), on_token,
+                                              logprobs=[] if wants_logprobs else None)
+        return request_id
+
+    def cancel(self, request_id: str) -> Completion | None:
+        """Abort a request (its client went away). Its completion, with what it generated so far
+        and finish_reason "cancelled", comes out of a later `step()`."""
+        request = self._requests.get(request_id)
+        if request is not None and request.cancelled_at is None:
+            request.cancelled_at = time.monotonic()
+            self._engine.abort_request([request_id])
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self._requests)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[Completion]:
+        """One vLLM step; streams the tokens it emitted. Returns the requests whose completion
+        the observer handed over (a request finishes in one step and is handed over in the next,
+        when vLLM clears it from its batch)."""
+        busy = self._engine.has_unfinished_requests()
+        for output in self._engine.step():
+            self._emit(output)
+        if not self.observe:
+            return self._finished_unobserved()
+        done = [self._complete(c, self._requests.pop(c.request_id)) for c in self.handoff.take()
+                if c.request_id in self._requests]
+        self._forget_unseen_cancelled()
+        if not done and not busy:
+            time.sleep(0.01)  # waiting for the observer's watcher to release an aborted request
+        return done
+
+    def _emit(self, output) -> None:
+        request = self._requests.get(output.request_id)
+        if request is None:
+            return
+        choice = output.outputs[0]
+        now = time.perf_counter()
+        for i in range(request.sent, len(choice.token_ids)):
+            token = choice.token_ids[i]
+            entry = (_token_logprobs(choice.logprobs[i], token, request.params.top_logprobs)
+                     if request.logprobs is not None else None)
+            if entry is not None:
+                request.logprobs.append(entry)
+            request.first_token_at = request.first_token_at or now
+            request.last_token_at = now
+            if request.on_token is not None:
+                request.on_token(token, entry)
+        request.sent = len(choice.token_ids)
+        if output.finished:
+            request.text, request.token_ids = choice.text, list(choice.token_ids)
+            request.finish_reason = {"abort": "cancelled"}.get(choice.finish_reason, choice.finish_reason)
+
+    def _complete(self, c: Completion, request: _Request) -> Completion:
+        """The observer's completion with what only this side knows: text, logprobs, timings."""
+        c.text = request.text if request.text is not None else self.lm.tokenizer.decode(c.token_ids,
+                                                                                           skip_special_tokens=True)
+        c.logprobs = request.logprobs[: len(c.token_ids)] if request.logprobs is not None else None
+        c.created = request.created
+        c.prompt_tokens = request.prompt_tokens
+        c.ttft_s = (request.first_token_at or time.perf_counter()) - request.started
+        c.latency_s = (request.last_token_at or time.perf_counter()) - request.started
+        c.summary.update(prompt_tokens=c.prompt_tokens, ttft_s=c.ttft_s, latency_s=c.latency_s)
+        return c
+
+    def _forget_unseen_cancelled(self) -> None:
+        now = time.monotonic()
+        for rid, request in list(self._requests.items()):
+            if request.cancelled_at is not None and request.sent == 0 and now - request.cancelled_at > CANCELLED_UNSEEN_S:
+                del self._requests[rid]
+
+    def _finished_unobserved(self) -> list[Completion]:
+        """Without the observer (a benchmark's baseline): finished requests, with no statistics."""
+        done = []
+        for rid, request in list(self._requests.items()):
+            if request.finish_reason is None:
+                continue
+            del self._requests[rid]
+            regime = {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev,
+                      "params_id": request.params.params_id, **request.params.regime_params()}
+            c = Completion(request_id=rid, text="", token_ids=request.token_ids, prompt_tokens=0,
+                           finish_reason=request.finish_reason, stats=None, summary={}, regime=regime,
+                           created=0.0, ttft_s=0.0, latency_s=0.0)
+            done.append(self._complete(c, request))
+        return done
+
+    def close(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
+
+
+def _token_logprobs(entries: dict, token: int, top_n: int) -> TokenLogprobs:
+    """vLLM's {token id: Logprob} of one position (the `top_n` most likely and the emitted token)
+    as softwatch's TokenLogprobs: the emitted token's log q, and the most likely, first first."""
+    ranked = sorted((lp.rank, t, lp.logprob) for t, lp in entries.items() if lp.rank is not None and lp.rank <= top_n)
+    return TokenLogprobs(logprob=entries[token].logprob, top=[(t, v) for _, t, v in ranked])
