@@ -84,11 +84,6 @@ def softmax_stats(
     return torch_softmax_stats(logits, tokens, rows, keep_min, overflow_bound)
 
 
-def as_dict(stats: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Columns of a softmax_stats result by field name."""
-    return {name: stats[..., i] for i, name in enumerate(FIELDS)}
-
-
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -131,7 +126,7 @@ def _tail(e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def torch_softmax_stats(
     logits: torch.Tensor,
-    tokens: torch.Tensor | None,
+    tokens: torch.Tensor,
     rows: RowParams,
     keep_min: torch.Tensor,
     overflow_bound: float = OVERFLOW_BOUND,
@@ -213,6 +208,7 @@ def greedy_stats(logits: torch.Tensor, overflow_bound: float = OVERFLOW_BOUND) -
     further kind of operation costs its cache misses.
     """
     x = logits.float()
+    bound = float(torch.tensor(overflow_bound, dtype=torch.float32))  # compared in fp32, as softmax_stats does
     m = x.amax(dim=1, keepdim=True)
     d2 = torch.sub(x, m).mul_(LOG2_E)  # (x - m) / ln 2
     e = torch.exp2(d2)
@@ -222,7 +218,7 @@ def greedy_stats(logits: torch.Tensor, overflow_bound: float = OVERFLOW_BOUND) -
                            d2.mul_(rest).sum(dim=1)], dim=1).tolist()
     out = []
     for maximum, minimum, total, rest_sum, second, t2 in per_row:
-        if not (maximum <= overflow_bound and minimum >= -overflow_bound):  # NaN fails too
+        if not (maximum <= bound and minimum >= -bound):  # NaN fails too
             return None
         extra_ties = round(total - rest_sum) - 1
         s = rest_sum + extra_ties
@@ -232,4 +228,4 @@ def greedy_stats(logits: torch.Tensor, overflow_bound: float = OVERFLOW_BOUND) -
         fields.update(entropy=log1p_s - t2 * LN_2 * top_prob, top_prob=top_prob, logprob=-log1p_s,
                       margin=0.0 if extra_ties > 0 else (1.0 - second) * top_prob, logit_max=maximum)
         out.append(list(fields.values()))
-    return torch.tensor(out, dtype=torch.float32)
+    return torch.tensor(out, dtype=torch.float32).reshape(len(out), len(FIELDS))

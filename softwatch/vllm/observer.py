@@ -6,7 +6,9 @@ are in each request's live output list by then), the forward pass, then `apply(l
 the [num_reqs, V] fp32 logits before sampling. `apply` keeps a copy of the logits and returns
 them untouched; the next `update_state` reads the tokens that were drawn from them and
 computes the statistics of the whole step in one `softmax_stats` call, which stay on the
-device until the request is recorded.
+device until the request is recorded. A greedy batch on the CPU whose logits are finite and
+within the overflow bound needs no token (vLLM takes an argmax of exactly these logits, and no
+field depends on which): `apply` computes its statistics at once with `greedy_stats`.
 
 A request leaves the persistent batch when it finishes or is aborted, but also while it is
 preempted or not scheduled in a step; then it comes back with the same output list. vLLM's
@@ -139,7 +141,7 @@ class SoftwatchObserver(LogitsProcessor):
 
     def _observe(self, logits: torch.Tensor) -> None:
         rows = [self._rows.get(i) for i in range(logits.shape[0])]
-        if not logits.is_cuda and self._greedy_is_argmax and all(r is not None and r.argmax_decoded for r in rows):
+        if logits.device.type == "cpu" and self._greedy_is_argmax and all(r is not None and r.argmax_decoded for r in rows):
             # vLLM will take an argmax of each row, and no field depends on which: the statistics
             # need no copy, no waiting and no token, provided every logit is finite and in bound
             # (else the argmax may be a NaN or an infinity). CPU only: the check reads the host.
