@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,10 +25,9 @@ SQL_EXAMPLES = [
     ("The least confident tokens (lowest top-1 probability)",
      "SELECT request_id, position, token_id, round(top_prob, 4) AS top_prob, round(entropy, 3) AS entropy, params_id "
      "FROM tokens ORDER BY top_prob LIMIT 5"),
-    ("The drift verdicts of the latest report",
+    ("The drift verdicts of the report above",
      "SELECT kind, metric, test, round(p_value, 4) AS p_value, round(effect_size, 3) AS effect_size, verdict "
-     "FROM drift_reports WHERE report_id = (SELECT report_id FROM drift_reports WHERE kind = 'regime' "
-     "ORDER BY ts DESC LIMIT 1) AND test = 'cvm' ORDER BY metric"),
+     "FROM drift_reports WHERE report_id = '{report_id}' AND kind = 'regime' AND test = 'cvm' ORDER BY metric"),
 ]
 
 
@@ -60,7 +60,7 @@ def run(opts: DemoOptions) -> int:
     from .drift.report import render
     from .serve.app import APP_NAME
     from .serve.app import run as deploy
-    from .store import Store
+    from .store import Store, wait_for_records
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo narrates its own steps
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
@@ -87,17 +87,21 @@ def run(opts: DemoOptions) -> int:
         prompts = prompt_set()
         say(f"sending {half} requests at temperature 0.7 from {len(prompts)} built-in prompts "
             f"({opts.concurrency} clients at a time)")
-        if not _traffic(url, prompts, range(half), opts):
+        answered = _traffic(url, prompts, range(half), opts)
+        if answered is None:
             return fail("requests failed", "see the error above; the service log is in /tmp/ray/session_latest/logs")
         say("pushing a config change: temperature 0.7 -> 1.0 (a new user_config, no restart)")
         deploy({**args, "defaults": {"temperature": 1.0, "max_tokens": opts.max_tokens}}, port=opts.port)
         say(f"sending {half} more requests at the new temperature")
-        if not _traffic(url, prompts, range(half, 2 * half), opts):
+        more = _traffic(url, prompts, range(half, 2 * half), opts)
+        if more is None:
             return fail("requests failed after the config push", "see the error above")
 
-        say("waiting for the records to reach Parquet and the drift monitor to compare the two regimes")
+        say(f"waiting until the records of all {len(answered + more)} answered requests are in Parquet")
+        wait_for_records(data, answered + more, timeout_s=120)
+        say("the drift monitor compares the two regimes")
         monitor_handle = serve.get_deployment_handle("DriftMonitor", app_name=APP_NAME)
-        rows = _wait_for_verdict(url, monitor_handle, half)
+        report_id, rows = _verdict(url, monitor_handle)
         if not rows:
             return fail("the drift monitor wrote no regime comparison",
                         "send more requests (--requests) so both regimes have enough sequences")
@@ -123,6 +127,7 @@ def run(opts: DemoOptions) -> int:
         say(f"drift reports:    {url}/v1/drift/reports?latest=true")
         store = Store(data)
         for title, sql in SQL_EXAMPLES:
+            sql = sql.format(report_id=report_id)
             print(f"\n-- {title}\n$ softwatch sql --data {opts.data} \"{sql}\"")
             print(format_table(store.query(sql)))
         print()
@@ -144,10 +149,12 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _traffic(url: str, prompts: list[str], indices: range, opts: DemoOptions) -> bool:
+def _traffic(url: str, prompts: list[str], indices: range, opts: DemoOptions) -> list[str] | None:
+    """Send the requests; the record ids of the answered ones, or None when any failed."""
     started = time.perf_counter()
     done = [0]
     errors: list[str] = []
+    record_ids: list[str] = []
 
     def one(i: int) -> None:
         body = {"messages": [{"role": "user", "content": prompts[i % len(prompts)]}], "max_tokens": opts.max_tokens,
@@ -156,7 +163,7 @@ def _traffic(url: str, prompts: list[str], indices: range, opts: DemoOptions) ->
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=600) as r:
-                json.loads(r.read())
+                record_ids.extend(json.loads(r.read())["softwatch"]["request_ids"])
         except Exception as exc:
             errors.append(f"request {i}: {exc}")
         done[0] += 1
@@ -167,7 +174,7 @@ def _traffic(url: str, prompts: list[str], indices: range, opts: DemoOptions) ->
     print(file=sys.stderr)
     for e in errors[:3]:
         print(f"  {e}", file=sys.stderr)
-    return not errors
+    return None if errors else record_ids
 
 
 def _bar(done: int, total: int, started: float) -> None:
@@ -179,16 +186,14 @@ def _bar(done: int, total: int, started: float) -> None:
           end="", file=sys.stderr, flush=True)
 
 
-def _wait_for_verdict(url: str, monitor_handle, per_side: int, timeout_s: float = 120) -> list[dict]:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        monitor_handle.run_now.remote().result(timeout_s=timeout_s)
-        with urllib.request.urlopen(f"{url}/v1/drift/reports?kind=regime&latest=true", timeout=30) as r:
-            rows = json.loads(r.read())["data"]
-        if rows and min(r["n_current"] for r in rows) >= per_side * 0.9:
-            return rows
-        time.sleep(2)
-    return rows
+def _verdict(url: str, monitor_handle) -> tuple[str | None, list[dict]]:
+    """Run the drift monitor now, on every record; its report id and regime comparison rows."""
+    run = monitor_handle.run_now.remote().result(timeout_s=300)
+    if run is None:
+        return None, []
+    query = urllib.parse.urlencode({"kind": "regime", "report_id": run["report_id"]})
+    with urllib.request.urlopen(f"{url}/v1/drift/reports?{query}", timeout=30) as r:
+        return run["report_id"], json.loads(r.read())["data"]
 
 
 def _verdict_table(rows: list[dict]) -> str:

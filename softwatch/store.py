@@ -525,3 +525,22 @@ def _delete(fs: pafs.FileSystem, paths: list[str]) -> None:
 def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+def wait_for_records(root: str, request_ids: list[str], timeout_s: float = 60.0) -> None:
+    """Block until the `sequences` rows of these record ids are in the dataset (writers flush on
+    an interval)."""
+    wanted = set(request_ids)
+    deadline = time.monotonic() + timeout_s
+    store = Store(root)
+    try:
+        while True:
+            found = set(store.query("SELECT request_id FROM sequences").column("request_id").to_pylist())
+            if wanted <= found:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"records of {len(wanted - found)} of {len(wanted)} requests did not reach "
+                                   f"{root} within {timeout_s:.0f} s")
+            time.sleep(0.2)
+    finally:
+        store.close()

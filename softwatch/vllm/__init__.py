@@ -15,9 +15,9 @@ With the OpenAI server: `--logits-processors softwatch.vllm.observer:SoftwatchOb
 from __future__ import annotations
 
 import os
-import time
 
 from ..models import checkpoint, resolve_device, resolve_dtype
+from ..store import wait_for_records  # noqa: F401 - part of this package's interface
 from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
 from .settings import ObserverSettings
 
@@ -71,24 +71,3 @@ def tag(params, request_id: str, template_version: str | None = None):
     if template_version is not None:
         params.extra_args[TEMPLATE_KEY] = template_version
     return params
-
-
-def wait_for_records(data: str, request_ids: list[str], timeout_s: float = 60.0) -> None:
-    """Block until the `sequences` rows of these record ids are in the dataset (the observer
-    writes them from vLLM's worker process after its flush interval)."""
-    from ..store import Store
-
-    wanted = set(request_ids)
-    deadline = time.monotonic() + timeout_s
-    store = Store(data)
-    try:
-        while True:
-            found = set(store.query("SELECT request_id FROM sequences").column("request_id").to_pylist())
-            if wanted <= found:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"records of {len(wanted - found)} of {len(wanted)} requests did not reach "
-                                   f"{data} within {timeout_s:.0f} s")
-            time.sleep(0.2)
-    finally:
-        store.close()
