@@ -141,8 +141,12 @@ def run(opts: DemoOptions) -> int:
         return 0
     finally:
         say("shutting down (finishing in-flight requests, flushing records)")
-        serve.shutdown()
-        ray.shutdown()
+        # deleting the app drains its replicas; stopping Serve's controller itself while this
+        # process still polls it (through the monitor's handle) makes Ray print task errors
+        try:
+            serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
 
 
 def _interrupt(signum, frame):

@@ -1,5 +1,6 @@
 """`softwatch demo` in a short mode (a tiny model, 60 requests): it runs to the end, finds the
-temperature push, and the report, data and metrics endpoint it names exist and are non-empty."""
+temperature push over every answered request, its SQL examples show the report it printed, the
+report, data and metrics endpoint it names exist and are non-empty, and it stops quietly."""
 
 import re
 import subprocess
@@ -24,3 +25,14 @@ def test_demo_runs_end_to_end_in_short_mode(tmp_path):
     endpoints = re.findall(r"metrics endpoint: (\S+)\s+\((\d+) bytes, (\d+) softwatch series\)", text)
     assert endpoints and all(int(size) > 0 and int(series) > 0 for _, size, series in endpoints)
     assert text.count("$ softwatch sql") == 3
+
+    # the verdict is over all 30 + 30 answered requests: nothing was still unflushed
+    verdict_table = text[text.index("metric"):text.index("verdict for the temperature push")]
+    counts = re.findall(r"(\d+)\s+(\d+)\s+(?:drift|no_drift|insufficient_data)\s*$", verdict_table, re.MULTILINE)
+    assert counts and all((int(b), int(c)) == (30, 30) for b, c in counts), verdict_table
+    # the third SQL example shows that very report
+    last_example = text[text.rindex("$ softwatch sql"):]
+    assert "drift" in last_example and "insufficient_data" not in last_example, last_example
+    shutdown = text[text.index("shutting down"):]
+    assert not re.search(r"error|traceback|\(raylet\)", shutdown, re.IGNORECASE), shutdown[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
