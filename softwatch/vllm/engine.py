@@ -17,7 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs
+import torch
+
+from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, summarize
+from ..engine import PromptLimits, StepFailed
+from ..stats import FIELDS
 from . import engine_kwargs, use_v1_model_runner
 from .handoff import Handoff
 from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
@@ -63,15 +67,17 @@ class _Request:
     logprobs: list[TokenLogprobs] | None = None
     text: str | None = None  # vLLM's final text (stop strings cut)
     finish_reason: str | None = None  # vLLM's, once it finished
-    token_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # as streamed
     cancelled_at: float | None = None
+    cancel_reason: str = "cancelled"
 
 
 class VLLMEngine:
-    """Continuous batching by vLLM, observed. Not thread-safe: one caller drives `step()`."""
+    """Continuous batching by vLLM, observed. Not thread-safe: one caller drives `step()` (and
+    `submit`, `cancel`); `prepare` touches no engine state and may run on any thread."""
 
     def __init__(self, model: str = "SmolLM2-135M-Instruct", max_batch: int = 32, observe: bool = True,
-                 **vllm_overrides):
+                 max_prompt_tokens: int | None = None, max_batch_tokens: int | None = None, **vllm_overrides):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         use_v1_model_runner()
         import vllm
@@ -87,15 +93,25 @@ class VLLMEngine:
         self._engine = vllm.LLM(**kwargs).llm_engine
         config = self._engine.vllm_config
         self.lm = ServedLM(served_model(config, named), int(config.model_config.get_vocab_size()))
+        self.limits = PromptLimits.of(self.lm, max_batch, max_prompt_tokens, max_batch_tokens)
         self._requests: dict[str, _Request] = {}
 
     # ---- requests -------------------------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: DecodingParams, request_id: str,
-               on_token: Callable[[int, TokenLogprobs | None], None] | None = None) -> str:
-        """Queue a request (token ids, already encoded and checked against the context); it
-        joins vLLM's batch at the next step."""
+    def prepare(self, prompt: str | list[dict] | list[int], params: DecodingParams = DecodingParams(),
+                chat: bool = False, fault: str | None = None) -> list[int]:
+        """Validate a request and return its prompt's token ids; InvalidRequest names the field."""
+        if fault is not None:
+            raise InvalidRequest("softwatch.inject_fault", "fault injection is not available on the vLLM engine")
+        return self.limits.prepare(prompt, params, chat)
+
+    def submit(self, prompt: str | list[dict] | list[int], params: DecodingParams = DecodingParams(),
+               chat: bool = False, request_id: str | None = None,
+               on_token: Callable[[int, TokenLogprobs | None], None] | None = None, fault: str | None = None) -> str:
+        """Queue a request; it joins vLLM's batch at the next step. Returns its id."""
         from vllm import SamplingParams
 
+        ids = self.prepare(prompt, params, chat, fault)
+        request_id = request_id or f"vllm-req-{len(self._requests)}-{time.monotonic_ns()}"
         if request_id in self._requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         wants_logprobs = params.logprobs or params.top_logprobs > 0
@@ -105,22 +121,30 @@ class VLLMEngine:
             logprobs=params.top_logprobs if wants_logprobs else None,
             extra_args={REQUEST_ID_KEY: request_id, TEMPLATE_KEY: params.template_version},
         )
-        self._engine.add_request(request_id, {"prompt_token_ids": list(prompt_ids)}, sampling)
-        self._requests[request_id] = _Request(params, len(prompt_ids), on_token,
-                                              logprobs=[] if wants_logprobs else None)
+        self._engine.add_request(request_id, {"prompt_token_ids": ids}, sampling)
+        self._requests[request_id] = _Request(params, len(ids), on_token, logprobs=[] if wants_logprobs else None)
         return request_id
 
-    def cancel(self, request_id: str) -> Completion | None:
-        """Abort a request (its client went away). Its completion, with what it generated so far
-        and finish_reason "cancelled", comes out of a later `step()`."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> Completion | None:
+        """Abort a request (its client went away, or it timed out). Its completion, with what it
+        generated so far and finish_reason `reason`, comes out of a later `step()`."""
         request = self._requests.get(request_id)
         if request is not None and request.cancelled_at is None:
-            request.cancelled_at = time.monotonic()
+            request.cancelled_at, request.cancel_reason = time.monotonic(), reason
             self._engine.abort_request([request_id])
         return None
 
     def has_work(self) -> bool:
         return bool(self._requests)
+
+    @property
+    def running(self) -> int:
+        """Requests vLLM holds or whose completion is still to come."""
+        return len(self._requests)
+
+    @property
+    def waiting(self) -> int:
+        return 0  # vLLM queues them itself; they count as running here
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[Completion]:
@@ -128,13 +152,19 @@ class VLLMEngine:
         the observer handed over (a request finishes in one step and is handed over in the next,
         when vLLM clears it from its batch)."""
         busy = self._engine.has_unfinished_requests()
-        for output in self._engine.step():
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:  # noqa: BLE001 - vLLM's engine failed: so did every request it held
+            failed = [self._bare(rid, self._requests.pop(rid), "error") for rid in list(self._requests)]
+            raise StepFailed(failed, exc) from exc
+        for output in outputs:
             self._emit(output)
         if not self.observe:
-            return self._finished_unobserved()
+            return [self._bare(rid, self._requests.pop(rid), r.finish_reason, stats=False)
+                    for rid, r in list(self._requests.items()) if r.finish_reason is not None]
         done = [self._complete(c, self._requests.pop(c.request_id)) for c in self.handoff.take()
                 if c.request_id in self._requests]
-        self._forget_unseen_cancelled()
+        done += self._unseen_cancelled()
         if not done and not busy:
             time.sleep(0.01)  # waiting for the observer's watcher to release an aborted request
         return done
@@ -153,15 +183,18 @@ class VLLMEngine:
                 request.logprobs.append(entry)
             request.first_token_at = request.first_token_at or now
             request.last_token_at = now
+            request.token_ids.append(token)
             if request.on_token is not None:
                 request.on_token(token, entry)
         request.sent = len(choice.token_ids)
         if output.finished:
-            request.text, request.token_ids = choice.text, list(choice.token_ids)
+            request.text = choice.text
             request.finish_reason = {"abort": "cancelled"}.get(choice.finish_reason, choice.finish_reason)
 
     def _complete(self, c: Completion, request: _Request) -> Completion:
         """The observer's completion with what only this side knows: text, logprobs, timings."""
+        if request.cancelled_at is not None and c.finish_reason == "cancelled":
+            c.finish_reason = c.summary["finish_reason"] = request.cancel_reason
         c.text = request.text if request.text is not None else self.lm.tokenizer.decode(c.token_ids,
                                                                                            skip_special_tokens=True)
         c.logprobs = request.logprobs[: len(c.token_ids)] if request.logprobs is not None else None
@@ -172,26 +205,26 @@ class VLLMEngine:
         c.summary.update(prompt_tokens=c.prompt_tokens, ttft_s=c.ttft_s, latency_s=c.latency_s)
         return c
 
-    def _forget_unseen_cancelled(self) -> None:
+    def _unseen_cancelled(self) -> list[Completion]:
+        """Cancelled requests the observer never saw (still queued in vLLM): records with no tokens."""
         now = time.monotonic()
-        for rid, request in list(self._requests.items()):
-            if request.cancelled_at is not None and request.sent == 0 and now - request.cancelled_at > CANCELLED_UNSEEN_S:
-                del self._requests[rid]
+        unseen = [rid for rid, r in self._requests.items()
+                  if r.cancelled_at is not None and r.sent == 0 and now - r.cancelled_at > CANCELLED_UNSEEN_S]
+        return [self._bare(rid, r, r.cancel_reason) for rid, r in ((rid, self._requests.pop(rid)) for rid in unseen)]
 
-    def _finished_unobserved(self) -> list[Completion]:
-        """Without the observer (a benchmark's baseline): finished requests, with no statistics."""
-        done = []
-        for rid, request in list(self._requests.items()):
-            if request.finish_reason is None:
-                continue
-            del self._requests[rid]
-            regime = {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev,
-                      "params_id": request.params.params_id, **request.params.regime_params()}
-            c = Completion(request_id=rid, text="", token_ids=request.token_ids, prompt_tokens=0,
-                           finish_reason=request.finish_reason, stats=None, summary={}, regime=regime,
-                           created=0.0, ttft_s=0.0, latency_s=0.0)
-            done.append(self._complete(c, request))
-        return done
+    def _bare(self, rid: str, request: _Request, finish_reason: str, stats: bool = True) -> Completion:
+        """A completion the observer did not give: the tokens this side saw, their statistics
+        unknown (NaN rows, as the observer leaves a position it never observed), or none at all
+        without the observer."""
+        params = request.params
+        regime = {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "params_id": params.params_id,
+                  **params.regime_params()}
+        rows = torch.full((len(request.token_ids), len(FIELDS)), float("nan")) if stats else None
+        c = Completion(request_id=rid, text="", token_ids=list(request.token_ids), prompt_tokens=0,
+                       finish_reason=finish_reason, stats=rows, summary={**summarize(rows), "finish_reason": finish_reason,
+                                                                    "generated_tokens": len(request.token_ids)},
+                       regime=regime, created=0.0, ttft_s=0.0, latency_s=0.0)
+        return self._complete(c, request)
 
     def close(self) -> None:
         if self.handoff is not None:
