@@ -1,4 +1,5 @@
-"""This machine and its processes: how writers name themselves and tell whether a writer is gone."""
+"""This machine and its processes: the host name writers put in their ids (a label only: it is
+shared by pods, so uniqueness and liveness never rest on it) and whether a pid is alive."""
 
 import ctypes
 import os

@@ -1,97 +1,163 @@
 """A write-ahead journal of finished requests, so that a process killed between a response
 and the next Parquet flush loses no record.
 
-A sink appends each finished request to the current segment (`<writer>-<n>.wal`: frames of
-a 4-byte length and a pickle) before the request is answered; a plain write reaches the OS,
-which keeps it through the death of the process. When a flush has written a segment's rows
-to Parquet the segment is deleted. A new sink on the same host claims (by an atomic rename)
-the segments of writers whose process is gone, and writes their records.
+A sink appends each finished request to its current segment (`<name>.wal`) before the
+request is answered; a plain write reaches the OS, which keeps it through the death of the
+process. A segment is a sequence of frames: a header (length, CRC-32) and a payload
+(`entries.encode`). An append that fails is cut back off the file and raised, so a segment
+never holds a torn frame followed by good ones; if even the cut fails the segment takes no
+more appends (the writer starts another), and recovery stops at the torn frame, which is
+always the last.
+
+Liveness is an OS lock: the process that owns a segment (its writer, or the recoverer that
+took it over) holds `flock` on it until the segment's rows are in Parquet and the segment
+is deleted. The OS releases the lock when that process dies, however it dies, so a segment
+whose lock can be taken belongs to nobody: taking the lock is claiming it. This holds across
+pid reuse and between containers that share the directory.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
-import pickle
 import struct
+import zlib
 from collections.abc import Iterator
 
-from .host import host_name, pid_alive
+log = logging.getLogger("softwatch.journal")
 
 SUFFIX = ".wal"
-_LENGTH = struct.Struct("<I")
+_CREATING = ".creating"  # a segment between its creation and its lock
+_FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
 
 
-class Journal:
-    def __init__(self, directory: str, writer: str):
-        os.makedirs(directory, exist_ok=True)
-        self.directory, self.writer = directory, writer
-        self._n = 0
-        self._file = None
-        self._segments: list[str] = []  # closed or current, not yet released
-        self._open()
-
-    def _open(self) -> None:
-        path = os.path.join(self.directory, f"{self.writer}-{self._n:06d}{SUFFIX}")
-        self._n += 1
-        self._file = open(path, "ab", buffering=0)
-        self._segments.append(path)
-
-    def append(self, record) -> None:
-        blob = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-        self._file.write(_LENGTH.pack(len(blob)) + blob)
-
-    def rotate(self) -> list[str]:
-        """Close the current segment and start the next; the segments written so far."""
-        self._file.close()
-        done, self._segments = self._segments, []
-        self._open()
-        return done
-
-    def close(self) -> list[str]:
-        self._file.close()
-        done, self._segments = self._segments, []
-        return done
+class SegmentBroken(OSError):
+    """An earlier append failed and could not be undone: the segment takes no more appends."""
 
 
-def release(segments: list[str]) -> None:
-    """Delete segments whose records are in Parquet now."""
-    for path in segments:
+class Segment:
+    """A journal segment this process holds the lock of."""
+
+    def __init__(self, path: str, fd: int):
+        self.path, self._fd = path, fd
+        self._broken = False
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)[: -len(SUFFIX)]
+
+    def append(self, payload: bytes) -> None:
+        """Write one frame, whole, or raise with the segment as it was before."""
+        if self._broken:
+            raise SegmentBroken(f"{self.path} holds a torn frame")
+        frame = _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+        start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
-            os.remove(path)
+            _write_all(self._fd, frame)
+        except BaseException:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                self._broken = True
+                log.exception("softwatch: could not cut a failed append off %s", self.path)
+            raise
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def release(self) -> None:
+        """Delete the segment (its rows are in Parquet) and drop its lock."""
+        try:
+            os.remove(self.path)
         except FileNotFoundError:
             pass
+        self.close()
+
+    def close(self) -> None:
+        """Drop the lock, keeping the file: another process recovers what it holds."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-def claim_orphans(directory: str, claimant: str) -> Iterator[tuple[str, list]]:
-    """(claimed path, records) of each segment left by a dead writer on this host."""
+def create(directory: str, name: str) -> Segment:
+    """A new, empty segment, locked before any other process can see it under its name."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name + SUFFIX)
+    creating = os.path.join(directory, f".{name}{_CREATING}")
+    fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(creating, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Segment(path, fd)
+
+
+def claim_orphans(directory: str) -> Iterator[tuple[Segment, list[bytes]]]:
+    """Each segment that no live process holds, locked for the caller, with its frames."""
     if not os.path.isdir(directory):
         return
-    host = host_name()
     for name in sorted(os.listdir(directory)):
-        if not name.endswith(SUFFIX) or not name.startswith(f"{host}-"):
+        path = os.path.join(directory, name)
+        if name.startswith(".") and name.endswith(_CREATING):
+            _remove_if_orphan(path)  # its creator died before the segment held anything
             continue
-        try:
-            pid = int(name.split("-")[1])
-        except (IndexError, ValueError):
+        if name.startswith(".") or not name.endswith(SUFFIX):
             continue
-        if pid_alive(pid):
-            continue
-        claimed = os.path.join(directory, f"{name}.{claimant}.claimed")
-        try:
-            os.rename(os.path.join(directory, name), claimed)  # only one claimant wins
-        except FileNotFoundError:
-            continue
-        yield claimed, list(_read(claimed))
+        segment = _lock_if_orphan(path)
+        if segment is not None:
+            yield segment, list(_frames(segment))
 
 
-def _read(path: str) -> Iterator:
-    with open(path, "rb") as f:
+def _lock_if_orphan(path: str) -> Segment | None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # released between the listing and now
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            raise FileNotFoundError(path)  # released (and the name reused) before we locked it
+    except (BlockingIOError, FileNotFoundError):  # its owner is alive, or it is gone
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return Segment(path, fd)
+
+
+def _remove_if_orphan(path: str) -> None:
+    segment = _lock_if_orphan(path)
+    if segment is not None:
+        segment.release()
+
+
+def _frames(segment: Segment) -> Iterator[bytes]:
+    with open(segment.path, "rb") as f:
         data = f.read()
     offset = 0
-    while offset + _LENGTH.size <= len(data):
-        (length,) = _LENGTH.unpack_from(data, offset)
-        end = offset + _LENGTH.size + length
-        if end > len(data):
-            return  # a frame cut by the kill: its request was never answered
-        yield pickle.loads(data[offset + _LENGTH.size:end])
-        offset = end
+    while offset < len(data):
+        if offset + _FRAME.size > len(data):
+            break
+        length, crc = _FRAME.unpack_from(data, offset)
+        payload = data[offset + _FRAME.size:offset + _FRAME.size + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            break
+        yield payload
+        offset += _FRAME.size + length
+    if offset < len(data):  # a frame cut by a kill or a full disk: its request was never answered
+        log.warning("softwatch: %s ends with %d bytes of a torn frame; dropped", segment.path, len(data) - offset)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(f"wrote 0 of {len(view)} bytes")
+        view = view[written:]

@@ -20,7 +20,8 @@ class Recorder:
 
     def record(self, completion: Completion, prompt: str | None = None) -> None:
         """Write the sequence's records and metrics. A failing metrics pipe is logged, never raised:
-        it must not stop serving; a failing sink raises (the record is not durable)."""
+        it must not stop serving; a failing sink raises (`store.RecordNotDurable`: the record is
+        not durable, and the request must be answered with an error, not as a success)."""
         if self.sink is not None:
             self.sink.write_completion(completion, self.context, prompt)
         if self.telemetry is not None:

@@ -12,7 +12,6 @@ reader never sees a half-written file, and a writer killed mid-write leaves only
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import count
@@ -33,9 +32,10 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from . import journal, rootlock
 from .completion import Completion
+from .entries import Entry, decode, encode
 from .host import host_name
-from .journal import Journal, claim_orphans, release
 from .records import REGIME_COLUMNS, SCHEMAS, RecordContext, keeps_tokens, rows_table, sequence_row, token_table
 
 log = logging.getLogger("softwatch.store")
@@ -43,6 +43,8 @@ log = logging.getLogger("softwatch.store")
 DT = pa.field("dt", pa.date32())
 TMP_SUFFIX = ".tmp"
 JOURNAL_PREFIX = "_compact-"
+COMPACT_PREFIX = "compact-"
+SOURCES_KEY = b"softwatch.sources"  # in a compacted file: the names of the files it merged
 
 
 def default_root() -> str:
@@ -77,16 +79,34 @@ def _write_parquet(fs: pafs.FileSystem, table: pa.Table, final: str) -> None:
 
 
 def writer_id() -> str:
-    """Unique per process: host, pid and a random part (pids repeat across containers)."""
-    return f"{host_name()}-{os.getpid()}-{os.urandom(3).hex()}"
+    """Unique per process: the host name and pid say where it ran; 64 random bits make it unique
+    (host names are shared by pods, pids repeat across containers)."""
+    return f"{host_name()}-{os.getpid()}-{os.urandom(8).hex()}"
+
+
+class RecordNotDurable(RuntimeError):
+    """A record could not be made durable: the journal append failed (a full disk), or too
+    many rows wait for flushes that keep failing. Nothing of it was kept, and the request it
+    records must not be answered as a success (the serving layer answers 503)."""
+
+
+FLUSH_POINTS = ("start", "tokens", "sequences", "released")
+"""Where a flush of journaled records stands: before its first file, after the files of each
+table, after its journal segment is deleted. `ParquetSink.at_flush_point` is called at each."""
 
 
 class ParquetSink:
     """Buffers records and writes them as Parquet files when a table holds `flush_rows`
     rows, when the oldest buffered record is `flush_interval_s` old, on `flush()`, on
-    `close()`, at interpreter exit and on SIGTERM. Thread-safe. Adding a record only appends
-    to a list: the Arrow conversion and the writes triggered by size or age happen on a
-    background thread, so a decode loop never waits on them."""
+    `close()`, at interpreter exit and on SIGTERM. Thread-safe. Adding a record appends to
+    the journal and a list: the Arrow conversion and the writes triggered by size or age
+    happen on a background thread, so a decode loop never waits on them.
+
+    Finished requests go out in batches, one per journal segment, in files named after the
+    segment (`part-<segment>.parquet`): writing a batch again (a retry, or a recovery after
+    a kill mid-flush) replaces those files instead of adding rows. At most
+    `max_pending_rows` journaled rows wait for Parquet; past that, `write_completion` raises
+    `RecordNotDurable` until a flush succeeds."""
 
     def __init__(
         self,
@@ -98,45 +118,67 @@ class ParquetSink:
         writer: str | None = None,
         journal: str | None = "auto",
         flush_on_sigterm: bool = True,
+        max_pending_rows: int = 2_000_000,
     ):
         if not 0 <= token_sample_rate <= 1:
             raise ValueError(f"token_sample_rate must be in [0, 1], got {token_sample_rate}")
-        if flush_rows < 1 or flush_interval_s <= 0:
-            raise ValueError("flush_rows must be >= 1 and flush_interval_s > 0")
+        if flush_rows < 1 or flush_interval_s <= 0 or max_pending_rows < 1:
+            raise ValueError("flush_rows and max_pending_rows must be >= 1 and flush_interval_s > 0")
         self.fs, self.path = open_root(root)
         self.fs.create_dir(self.path, recursive=True)
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
         self.token_sample_rate = token_sample_rate
+        self.max_pending_rows = max_pending_rows
         self.writer = writer or writer_id()
         self.rows_written = dict.fromkeys(SCHEMAS, 0)
+        self.at_flush_point: Callable[[str], None] = lambda point: None  # a seam for fault tests
         self._files = count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._write_lock = threading.Lock()  # one writer of files at a time
         self._pending = _Pending()
+        self._entries: list[Entry] = []  # finished requests since the current segment began
+        self._segment: journal.Segment | None = None
+        self._batches: list[_Batch] = []  # sealed, not yet in Parquet
+        self._backlog = 0  # rows of finished requests not yet in Parquet
         self._oldest: float | None = None
         self._closed = False
-        self._journal = None
+        self._journal_dir = None
         if journal is not None:
-            directory = _journal_dir(self.fs, self.path) if journal == "auto" else journal
-            self._recover(directory)
-            self._journal = Journal(directory, self.writer)
+            self._journal_dir = _journal_dir(self.fs, self.path) if journal == "auto" else journal
+            self._recover()
         self._thread = threading.Thread(target=self._background, name="softwatch-sink", daemon=True)
         self._thread.start()
         _register(self, flush_on_sigterm)
 
     # ---- adding records -------------------------------------------------------------------
     def write_completion(self, completion: Completion, context: RecordContext, prompt: str | None = None) -> None:
-        """The sequence row of a finished request, and its token rows unless sampled out."""
+        """The sequence row of a finished request, and its token rows unless sampled out.
+        Returns once the record is journaled; raises `RecordNotDurable` if it cannot be."""
         kept = keeps_tokens(completion.request_id, self.token_sample_rate)
-        record = (completion, context, kept, prompt)
+        entry = Entry(completion, context, kept, prompt)
+        payload = encode(entry) if self._journal_dir is not None else None
+        tokens = len(completion.token_ids) if kept else 0
         with self._adding() as pending:
-            if self._journal is not None:  # before the caller answers the request
-                self._journal.append((_portable(completion), context, kept, prompt))
-            pending.completions.append(record)
+            if self._backlog and self._backlog + 1 + tokens > self.max_pending_rows:
+                raise RecordNotDurable(f"{self._backlog} rows wait for Parquet writes to {self.path} that keep failing")
+            if payload is not None:  # before the caller answers the request
+                self._journal_append(payload)
+            self._entries.append(entry)
+            self._backlog += 1 + tokens
             pending.counts["sequences"] += 1
-            pending.counts["tokens"] += len(completion.token_ids) if kept else 0
+            pending.counts["tokens"] += tokens
+
+    def _journal_append(self, payload: bytes) -> None:
+        try:
+            if self._segment is None:
+                self._segment = journal.create(self._journal_dir, self._batch_name())
+            self._segment.append(payload)
+        except OSError as exc:
+            if self._segment is not None and self._segment.broken:
+                self._seal()  # its good records go out with the next flush; appends go to a new segment
+            raise RecordNotDurable(f"journaling a record in {self._journal_dir} failed: {exc}") from exc
 
     def write(self, table: str, data: pa.Table | pa.RecordBatch) -> None:
         """Rows already in Arrow form (a drift report, a replay)."""
@@ -175,16 +217,50 @@ class ParquetSink:
         rows stay buffered for the next attempt."""
         with self._write_lock:
             with self._lock:
-                pending, self._pending, self._oldest = self._pending, _Pending(), None
-                if self._journal is not None and pending.completions:
-                    pending.segments += self._journal.rotate()
+                self._seal()
+                batches = list(self._batches)
+                loose, self._pending, self._oldest = self._pending.tables_to_write(), _Pending(), None
             try:
-                self._write(pending.tables_to_write())
+                for batch in batches:
+                    self._write_batch(batch)
+                self._write(loose)
             except Exception:
                 with self._lock:
-                    self._pending.segments += pending.segments
+                    self._oldest = self._oldest or time.monotonic()
+                    for name, left in loose.items():  # back to the front of the buffer
+                        self._pending.tables[name].insert(0, left)
+                        self._pending.counts[name] += left.num_rows
                 raise
-            release(pending.segments)
+
+    def _seal(self) -> None:
+        """The requests since the last seal become a batch, with their journal segment."""
+        if not self._entries and self._segment is None:
+            return
+        name = self._segment.name if self._segment is not None else self._batch_name()
+        self._batches.append(_Batch(name, self._entries, self._segment))
+        self._entries, self._segment = [], None
+
+    def _batch_name(self) -> str:
+        return f"{self.writer}-{next(self._files):06d}"
+
+    def _write_batch(self, batch: _Batch) -> None:
+        self.at_flush_point("start")
+        for table, data in batch.tables().items():
+            for directory, part in self._by_day(table, data):
+                path = f"{directory}/part-{batch.name}.parquet"
+                if path in batch.written or batch.recovered and _holds(self.fs, directory, path):
+                    continue
+                self.fs.create_dir(directory, recursive=True)
+                _write_parquet(self.fs, part, path)
+                batch.written.add(path)
+                self.rows_written[table] += part.num_rows
+            self.at_flush_point(table)
+        with self._lock:
+            self._batches.remove(batch)
+            self._backlog -= batch.rows()
+        if batch.segment is not None:
+            batch.segment.release()
+        self.at_flush_point("released")
 
     def close(self) -> None:
         with self._lock:
@@ -193,21 +269,30 @@ class ParquetSink:
             self._closed = True
             self._wake.notify()
         self._thread.join()
-        self.flush()
-        if self._journal is not None:
-            release(self._journal.close())
-        _unregister(self)
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._seal()
+                for batch in self._batches:  # unwritten: left, unlocked, for the next sink to recover
+                    if batch.segment is not None:
+                        batch.segment.close()
+            _unregister(self)
 
-    def _recover(self, directory: str) -> None:
-        """Take in the journaled records of dead writers; they go out with the next flush."""
-        for segment, records in claim_orphans(directory, self.writer):
-            log.warning("softwatch: recovering %d records journaled by a writer that died (%s)", len(records), segment)
-            self._pending.completions += records
-            for c, _, kept, _ in records:
-                self._pending.counts["sequences"] += 1
-                self._pending.counts["tokens"] += len(c.token_ids) if kept else 0
-            self._pending.segments.append(segment)
-        if self._pending.segments:
+    def _recover(self) -> None:
+        """Take over the journal segments of dead writers; their rows go out with the next flush."""
+        for segment, frames in journal.claim_orphans(self._journal_dir):
+            entries = []
+            for frame in frames:
+                try:
+                    entries.append(decode(frame))
+                except ValueError:
+                    log.exception("softwatch: skipping an unreadable entry of %s", segment.path)
+            log.warning("softwatch: recovering %d records journaled by a writer that died (%s)", len(entries), segment.path)
+            batch = _Batch(segment.name, entries, segment, recovered=True)
+            self._batches.append(batch)
+            self._backlog += batch.rows()
+        if self._batches:
             self._oldest = time.monotonic()
 
     def __enter__(self) -> ParquetSink:
@@ -218,26 +303,18 @@ class ParquetSink:
 
     def _write(self, tables: dict[str, pa.Table]) -> None:
         for table, data in list(tables.items()):
-            try:
-                self._write_table(table, data)
-            except Exception:
-                with self._lock:  # back to the front of the buffer, for the next flush
-                    for name, left in tables.items():
-                        self._pending.tables[name].insert(0, left)
-                        self._pending.counts[name] += left.num_rows
-                    self._oldest = self._oldest or time.monotonic()
-                raise
+            for directory, part in self._by_day(table, data):
+                self.fs.create_dir(directory, recursive=True)
+                _write_parquet(self.fs, part, f"{directory}/part-{self._batch_name()}.parquet")
             del tables[table]
             self.rows_written[table] += data.num_rows
 
-    def _write_table(self, table: str, data: pa.Table) -> None:
+    def _by_day(self, table: str, data: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+        """(partition directory, rows) of each day the rows fall on."""
         days = _days(data["ts"])
         unique = pc.unique(days).to_pylist()
         for day in unique:
-            part = data if len(unique) == 1 else data.filter(pc.equal(days, day))
-            directory = f"{self.path}/{table}/dt={day.isoformat()}"
-            self.fs.create_dir(directory, recursive=True)
-            _write_parquet(self.fs, part, f"{directory}/part-{self.writer}-{next(self._files):06d}.parquet")
+            yield f"{self.path}/{table}/dt={day.isoformat()}", data if len(unique) == 1 else data.filter(pc.equal(days, day))
 
     def _background(self) -> None:
         while True:
@@ -261,34 +338,59 @@ class ParquetSink:
 
 
 @dataclass
-class _Pending:
-    """What a sink holds between flushes."""
+class _Batch:
+    """Finished requests that go out together, in files named after the batch (`name`)."""
 
-    completions: list[tuple[Completion, RecordContext, bool, str | None]] = field(default_factory=list)
+    name: str
+    entries: list[Entry]
+    segment: journal.Segment | None  # the journal segment holding them, locked by this process
+    recovered: bool = False  # journaled by a writer that died, maybe midway through writing it
+    written: set[str] = field(default_factory=set)  # files already in place
+
+    def rows(self) -> int:
+        return sum(1 + (len(e.completion.token_ids) if e.tokens_kept else 0) for e in self.entries)
+
+    def tables(self) -> dict[str, pa.Table]:
+        """Token rows first: a sequence row in the dataset means its token rows are there too."""
+        if not self.entries:
+            return {}
+        return {
+            "tokens": token_table([(e.completion, e.context) for e in self.entries if e.tokens_kept]),
+            "sequences": rows_table([sequence_row(e.completion, e.context, e.tokens_kept, e.prompt)
+                                     for e in self.entries], SCHEMAS["sequences"]),
+        }
+
+
+@dataclass
+class _Pending:
+    """Rows given in Arrow or dict form (`write`, `write_row`) between flushes, and the row
+    counts that trigger a flush by size."""
+
     tables: dict[str, list[pa.Table]] = field(default_factory=lambda: {t: [] for t in SCHEMAS})
     rows: dict[str, list[dict]] = field(default_factory=lambda: {t: [] for t in SCHEMAS})
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SCHEMAS, 0))
-    segments: list[str] = field(default_factory=list)  # journal segments these records came from
 
     def full(self, flush_rows: int) -> bool:
         return any(n >= flush_rows for n in self.counts.values())
 
     def tables_to_write(self) -> dict[str, pa.Table]:
         parts = {t: list(self.tables[t]) for t in SCHEMAS}
-        if self.completions:
-            parts["tokens"].append(token_table([(c, ctx) for c, ctx, kept, _ in self.completions if kept]))
-            self.rows["sequences"] = [sequence_row(c, ctx, kept, prompt) for c, ctx, kept, prompt in self.completions] \
-                + self.rows["sequences"]
         for table, rows in self.rows.items():
             if rows:
                 parts[table].append(rows_table(rows, SCHEMAS[table]))
         return {t: pa.concat_tables(p) for t, p in parts.items() if p and sum(x.num_rows for x in p)}
 
 
-def _portable(c: Completion) -> Completion:
-    """The completion with its statistics as a NumPy copy: a torch tensor pickles through
-    torch.save, slowly, and a view pickles its whole storage."""
-    return dataclasses.replace(c, stats=None if c.stats is None else c.stats.numpy().copy())
+def _holds(fs: pafs.FileSystem, directory: str, path: str) -> bool:
+    """Whether the partition holds the rows of `path`: the file itself, or a compacted file
+    that merged it (compaction lists its inputs in the output's metadata)."""
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return True
+    name = path.rsplit("/", 1)[1]
+    for info in fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True)):
+        if _is_data_file(info) and info.base_name.startswith(COMPACT_PREFIX) and name in _sources(fs, info.path):
+            return True
+    return False
 
 
 def _journal_dir(fs: pafs.FileSystem, path: str) -> str:
@@ -444,30 +546,40 @@ def compact(
     Safe while writers keep writing: writers only ever add files under new names, and
     compaction only touches the files it listed. Each merge is journaled (inputs, output)
     before its output appears, so a compaction killed midway is finished by the next one
-    instead of leaving rows twice. A query running at the instant the inputs are deleted
+    instead of leaving rows twice; the output lists the `part-` files it holds in its
+    metadata (`softwatch.sources`), so a writer recovering a journal segment whose file was
+    merged does not write it again. A query running at the instant the inputs are deleted
     may see the merged rows twice or a missing file; `Store.query` retries the latter.
-    Run one compaction at a time per root."""
+    One compaction at a time per root: a second raises `rootlock.CompactionRunning`."""
     fs, path = open_root(root or default_root())
     result = CompactionResult()
     say = progress or (lambda message: None)
-    for table in SCHEMAS:
-        base = f"{path}/{table}"
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-        for partition in sorted(i.path for i in infos if i.type == pafs.FileType.Directory):
-            _finish_journals(fs, partition)
-            result.stale_removed += _remove_stale(fs, partition, stale_after_s)
-            files = sorted(
-                (i for i in fs.get_file_info(pafs.FileSelector(partition)) if _is_data_file(i)),
-                key=lambda i: i.path,
-            )
-            result.partitions += 1
-            result.files_before += len(files)
-            groups = _groups([i for i in files if i.size < target_bytes // 2], target_bytes)
-            result.files_after += len(files) - sum(len(g) - 1 for g in groups)
-            for n, group in enumerate(groups):
-                say(f"{table}/{partition.rsplit('/', 1)[1]}: merging {len(group)} files ({n + 1}/{len(groups)})")
-                result.rows_moved += _merge(fs, partition, [i.path for i in group], _schema(table))
+    with rootlock.exclusive(fs, path) as renew:
+        for table in SCHEMAS:
+            base = f"{path}/{table}"
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+            for partition in sorted(i.path for i in infos if i.type == pafs.FileType.Directory):
+                _compact_partition(fs, partition, _schema(table), target_bytes, stale_after_s, result, say)
+                renew()
     return result
+
+
+def _compact_partition(fs: pafs.FileSystem, partition: str, schema: pa.Schema, target_bytes: int,
+                       stale_after_s: float, result: CompactionResult, say: Callable[[str], None]) -> None:
+    _finish_journals(fs, partition)
+    result.stale_removed += _remove_stale(fs, partition, stale_after_s)
+    files = sorted(
+        (i for i in fs.get_file_info(pafs.FileSelector(partition)) if _is_data_file(i)),
+        key=lambda i: i.path,
+    )
+    result.partitions += 1
+    result.files_before += len(files)
+    groups = _groups([i for i in files if i.size < target_bytes // 2], target_bytes)
+    result.files_after += len(files) - sum(len(g) - 1 for g in groups)
+    label = "/".join(partition.rsplit("/", 2)[1:])
+    for n, group in enumerate(groups):
+        say(f"{label}: merging {len(group)} files ({n + 1}/{len(groups)})")
+        result.rows_moved += _merge(fs, partition, [i.path for i in group], schema)
 
 
 def _groups(small: list[pafs.FileInfo], target_bytes: int) -> list[list[pafs.FileInfo]]:
@@ -484,15 +596,29 @@ def _groups(small: list[pafs.FileInfo], target_bytes: int) -> list[list[pafs.Fil
 
 def _merge(fs: pafs.FileSystem, partition: str, inputs: list[str], schema: pa.Schema) -> int:
     tables = [pq.read_table(p, filesystem=fs) for p in inputs]
+    sources = sorted({name for p, t in zip(inputs, tables) for name in _held_parts(p, t.schema.metadata)})
     merged = pa.concat_tables(tables, promote_options="permissive")
     merged = merged.select([n for n in schema.names if n in merged.column_names]).sort_by("ts")
-    name = f"compact-{writer_id()}.parquet"
-    journal = f"{partition}/{JOURNAL_PREFIX}{name}.json"
-    _write_bytes(fs, journal, json.dumps({"output": f"{partition}/{name}", "inputs": inputs}).encode())
+    merged = merged.replace_schema_metadata({SOURCES_KEY: json.dumps(sources)})
+    name = f"{COMPACT_PREFIX}{writer_id()}.parquet"
+    plan = f"{partition}/{JOURNAL_PREFIX}{name}.json"
+    _write_bytes(fs, plan, json.dumps({"output": f"{partition}/{name}", "inputs": inputs}).encode())
     _write_parquet(fs, merged, f"{partition}/{name}")
     _delete(fs, inputs)
-    fs.delete_file(journal)
+    fs.delete_file(plan)
     return merged.num_rows
+
+
+def _held_parts(path: str, metadata: dict[bytes, bytes] | None) -> list[str]:
+    """The `part-` files whose rows the file at `path` holds: itself, or what it merged."""
+    name = path.rsplit("/", 1)[1]
+    merged = json.loads((metadata or {}).get(SOURCES_KEY, b"[]"))
+    return merged + [name] if name.startswith("part-") else merged
+
+
+def _sources(fs: pafs.FileSystem, path: str) -> list[str]:
+    with fs.open_input_file(path) as f:
+        return _held_parts(path, pq.read_metadata(f).metadata)
 
 
 def _finish_journals(fs: pafs.FileSystem, partition: str) -> None:
@@ -501,9 +627,9 @@ def _finish_journals(fs: pafs.FileSystem, partition: str) -> None:
         if not info.base_name.startswith(JOURNAL_PREFIX):
             continue
         with fs.open_input_stream(info.path) as f:
-            journal = json.loads(f.read())
-        if fs.get_file_info(journal["output"]).type == pafs.FileType.File:
-            _delete(fs, journal["inputs"])  # the merged file is in place: drop what it replaces
+            plan = json.loads(f.read())
+        if fs.get_file_info(plan["output"]).type == pafs.FileType.File:
+            _delete(fs, plan["inputs"])  # the merged file is in place: drop what it replaces
         fs.delete_file(info.path)
 
 
