@@ -500,10 +500,15 @@ def _numeric(cell: str) -> bool:
 
 
 def _compact(args) -> int:
+    from .rootlock import CompactionRunning
     from .store import compact, default_root
 
     root = args.data or default_root()
-    result = compact(root, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    try:
+        result = compact(root, progress=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    except CompactionRunning as exc:
+        print(f"softwatch: {exc}; try again when it is done", file=sys.stderr)
+        return 1
     print(f"compacted {root}: {result.partitions} partitions, {result.files_before} files -> {result.files_after}, "
           f"{result.rows_moved:,} rows rewritten, {result.stale_removed} stale temporary files removed")
     return 0
