@@ -114,3 +114,69 @@ def test_a_request_whose_record_cannot_be_written_is_not_answered_as_a_success(t
     (answer,) = gather(ask(server, "unrecorded", max_tokens=3))
     assert answer["type"] == "error" and answer["status"] == 503
     server.check_health()  # the decode loop serves on
+
+
+@pytest.fixture(scope="module")
+def smol_service(ray_cluster, tmp_path_factory):
+    """The service over the real default model: its 49,152-token vocabulary is what made the old
+    sampler's noise reach 1.0 in one step of ~340."""
+    from ray import serve
+
+    from softwatch.serve.app import run
+
+    from .prometheus import free_port
+
+    data = str(tmp_path_factory.mktemp("smol-data"))
+    port = free_port()
+    run({"model": "SmolLM2-135M-Instruct", "data": data, "num_cpus": 1, "api_key": API_KEY, "max_batch": 32,
+         "torch_threads": 2}, port=port)
+    yield {"url": f"http://127.0.0.1:{port}", "data": data}
+    serve.shutdown()
+
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def test_cold_sampling_never_emits_a_far_token_where_the_model_is_sure(smol_service):
+    """The issue's must-show: T = 0.05, top_p 1, 32 choices x 64 tokens with the statistics. At
+    T = 0.05 a token of rank >= 2 where q(1st) - q(2nd) > 0.3 has probability < 3e-5 per step."""
+    body = {"messages": [{"role": "user", "content": "Tell me about the history of Rome."}], "temperature": 0.05,
+            "top_p": 1.0, "max_tokens": 64, "n": 16, "softwatch": {"stats": True}}
+    tokens = []
+    for seed in (0, 1000):
+        r = httpx.post(f"{smol_service['url']}/v1/chat/completions", json={**body, "seed": seed}, headers=HEADERS,
+                       timeout=300)
+        assert r.status_code == 200, r.text
+        tokens += [t for choice in r.json()["choices"] for t in choice["softwatch"]["tokens"]]
+    sure = [t for t in tokens if t["margin"] > 0.3]
+    assert len(tokens) > 32 * 48 and len(sure) > len(tokens) // 3  # enough steps where it matters
+    wrong = [(t["text"], t["rank"], round(t["margin"], 3)) for t in sure if t["rank"] >= 2]
+    assert not wrong, f"{len(wrong)} tokens of rank >= 2 at margin > 0.3: {wrong[:5]}"
+
+
+def test_a_client_that_drops_a_stream_frees_its_sequence_and_gets_a_record(smol_service):
+    from ray import serve
+
+    from softwatch.serve.app import APP_NAME
+
+    body = {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}], "max_tokens": 2000,
+            "temperature": 0.7, "stream": True}
+    with httpx.Client(timeout=120) as client:
+        with client.stream("POST", f"{smol_service['url']}/v1/chat/completions", json=body, headers=HEADERS) as r:
+            assert r.status_code == 200
+            chunks = 0
+            for line in r.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 5:
+                    break  # leaving the block closes the connection mid-stream
+    llm = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    deadline = time.monotonic() + 30
+    while llm.info.remote().result()["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert llm.info.remote().result()["running"] == 0, "the dropped stream's sequence is still decoding"
+    deadline = time.monotonic() + 30  # records reach Parquet within the sink's 10 s age flush
+    store = Store(smol_service["data"])
+    while not (rows := store.rows("SELECT finish_reason, generated_tokens FROM sequences "
+                                  "WHERE finish_reason = 'cancelled'")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(rows) == 1 and 4 <= rows[0]["generated_tokens"] < 2000, rows
