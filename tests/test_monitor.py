@@ -42,4 +42,6 @@ def test_queries_and_health_are_answered_while_a_run_works(tmp_path):
     assert answered_s < 0.5 and worst_gap < 0.5, (answered_s, worst_gap, run_s)
     assert rows and {r["report_id"] for r in rows} == {first["report_id"]}  # the last completed run's
     assert second["report_id"] != first["report_id"]
-    monitor.__del__()
+    monitor.__del__()  # stops its loop: no thread is left inside DuckDB when the interpreter exits
+    monitor._thread.join(timeout=10)
+    assert not monitor._thread.is_alive()
