@@ -6,6 +6,11 @@ requests admitted at that step (their first token) or a decode of every running 
 sampling, the softmax statistics of the step are written into a device buffer; the only
 host read per step is the [B] sampled tokens, which stopping (EOS, stop strings) and
 streaming need anyway. A sequence's statistics cross to the host once, when it finishes.
+
+Admission is first come, first served, within `max_batch` rows and a token budget: left
+padding makes the KV cache rows x the longest row, so the budget bounds rows x the longest
+(prompt + max_tokens) of the batch. A step that raises fails the requests it held (StepFailed,
+their Completions with finish_reason "error"); the waiting requests stay queued.
 """
 
 from __future__ import annotations
@@ -41,8 +46,19 @@ class _Sequence:
     fault: str | None = None  # an injected logit fault (FAULTS), tests and drills only
 
 
+class StepFailed(RuntimeError):
+    """A step raised. `failed` holds a Completion (finish_reason "error") for every request the
+    step held; the engine has dropped them and is empty but for the waiting requests."""
+
+    def __init__(self, failed: list[Completion], cause: BaseException):
+        super().__init__(f"decode step failed: {type(cause).__name__}: {cause}")
+        self.failed = failed
+        self.cause = cause
+
+
 class Engine:
-    """Continuous-batching decode over one model. Not thread-safe: one caller drives `step()`."""
+    """Continuous-batching decode over one model. Not thread-safe: one caller drives `step()`
+    (and `submit`, `cancel`); `prepare` touches no engine state and may run on any thread."""
 
     def __init__(
         self,
@@ -50,10 +66,15 @@ class Engine:
         max_batch: int = 32,
         instrument: bool = True,
         stats_backend: str = "auto",
+        max_prompt_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
     ):
         keep_freed_memory()
         self.lm = lm
         self.max_batch = max_batch
+        self.max_prompt_tokens = min(max_prompt_tokens or lm.context_length, lm.context_length)
+        # rows x longest (prompt + max_tokens) of the batch: the KV cache's size in tokens, padding included
+        self.max_batch_tokens = max_batch_tokens or max_batch * lm.context_length
         self.instrument = instrument
         self.stats_backend = stats_backend
         self._eos = lm.eos_token_ids
@@ -81,11 +102,53 @@ class Engine:
                 raise InvalidRequest("messages", "must not be empty")
             if not getattr(tok, "chat_template", None):
                 raise InvalidRequest("messages", f"model {self.lm.model_id} has no chat template")
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return self._apply_chat_template(messages)
         if not isinstance(prompt, str) or not prompt:
             raise InvalidRequest("prompt", "must be a non-empty string")
         return tok(prompt)["input_ids"]
+
+    def _apply_chat_template(self, messages: list[dict]) -> list[int]:
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # the template refuses these messages (e.g. roles out of order)
+            raise InvalidRequest("messages", f"the chat template refused them: {exc}") from exc
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def prepare(
+        self,
+        prompt: str | list[dict] | list[int],
+        params: DecodingParams = DecodingParams(),
+        chat: bool = False,
+        fault: str | None = None,
+    ) -> list[int]:
+        """Validate a request and return its prompt's token ids; InvalidRequest names the field.
+        Touches no engine state, so tokenization and templating can run off the decode thread."""
+        params.validate()
+        if fault is not None and fault not in FAULTS:
+            raise InvalidRequest("softwatch.inject_fault", f"must be one of {', '.join(FAULTS)}, got {fault!r}")
+        ids = self.encode(prompt, chat)
+        field = "messages" if chat or isinstance(prompt, list) and not all(isinstance(t, int) for t in prompt) else "prompt"
+        context = self.lm.context_length
+        if not ids:
+            raise InvalidRequest(field, "encodes to no tokens")
+        if len(ids) >= context:
+            raise InvalidRequest(field, f"is {len(ids)} tokens; the model's context is {context}")
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidRequest(field, f"is {len(ids)} tokens; this deployment accepts at most {self.max_prompt_tokens}")
+        if len(ids) + params.max_tokens > context:
+            raise InvalidRequest(
+                "max_tokens",
+                f"{params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's context of {context}",
+            )
+        if len(ids) + params.max_tokens > self.max_batch_tokens:
+            raise InvalidRequest(
+                "max_tokens",
+                f"{params.max_tokens} plus the prompt's {len(ids)} tokens exceeds this deployment's token budget "
+                f"of {self.max_batch_tokens}",
+            )
+        return ids
 
     def submit(
         self,
@@ -96,24 +159,12 @@ class Engine:
         on_token: Callable[[int, TokenLogprobs | None], None] | None = None,
         fault: str | None = None,
     ) -> str:
-        """Queue a request; it joins the running batch at the next step. Returns its id.
+        """Queue a request; it joins the running batch when it fits (see `step`). Returns its id.
         `on_token(token_id, logprobs)` is called for each token as it is emitted (streaming);
         `logprobs` is None unless the request asked for them. `fault` (one of FAULTS) corrupts
-        this request's logits at every step, to drill the alerting path end to end."""
-        params.validate()
-        if fault is not None and fault not in FAULTS:
-            raise InvalidRequest("softwatch.inject_fault", f"must be one of {', '.join(FAULTS)}, got {fault!r}")
-        ids = self.encode(prompt, chat)
-        context = self.lm.context_length
-        if not ids:
-            raise InvalidRequest("prompt", "encodes to no tokens")
-        if len(ids) >= context:
-            raise InvalidRequest("prompt", f"is {len(ids)} tokens; the model's context is {context}")
-        if len(ids) + params.max_tokens > context:
-            raise InvalidRequest(
-                "max_tokens",
-                f"{params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's context of {context}",
-            )
+        this request's logits at every step, to drill the alerting path end to end.
+        A prompt already `prepare`d may be passed as its token ids (checked again, cheaply)."""
+        ids = self.prepare(prompt, params, chat, fault)
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         wants_logprobs = params.logprobs or params.top_logprobs > 0
@@ -121,20 +172,31 @@ class Engine:
                                        logprobs=[] if wants_logprobs else None, fault=fault))
         return rid
 
-    def cancel(self, request_id: str) -> Completion | None:
-        """Stop a request between steps (its client went away). A running request retires
-        with finish_reason "cancelled" and what it generated so far; a waiting one is dropped."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> Completion | None:
+        """Stop a request between steps (its client went away, or it timed out). It retires with
+        finish_reason `reason` and what it generated so far (nothing, if it was still waiting);
+        None if the engine does not hold it."""
         for i, seq in enumerate(self._waiting):
             if seq.request_id == request_id:
                 del self._waiting[i]
-                return None
+                return self._completion(seq, reason, torch.empty(0, len(FIELDS)) if self.instrument else None)
         for i, seq in enumerate(self._rows):
             if seq.request_id == request_id:
-                return self._retire([(i, "cancelled")])[0]
+                return self._retire([(i, reason)])[0]
         return None
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._rows)
+
+    @property
+    def running(self) -> int:
+        """Requests in the running batch."""
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for admission."""
+        return len(self._waiting)
 
     def regime(self, params: DecodingParams) -> dict:
         return {
@@ -158,14 +220,45 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Completion]:
-        """One forward pass: prefill newly admitted requests, or decode every running row."""
-        room = self.max_batch - len(self._rows)
-        if self._waiting and room > 0:
-            admitted, self._waiting = self._waiting[:room], self._waiting[room:]
-            return self._prefill(admitted)
-        if self._rows:
-            return self._decode()
-        return []
+        """One forward pass: prefill newly admitted requests, or decode every running row.
+        Raises StepFailed (carrying their error Completions) when the step fails."""
+        admitted = self._admit()
+        held = self._rows + admitted
+        try:
+            if admitted:
+                return self._prefill(admitted)
+            if self._rows:
+                return self._decode()
+            return []
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the held requests must end
+            raise StepFailed(self._fail(held), exc) from exc
+
+    def _admit(self) -> list[_Sequence]:
+        """Waiting requests, first come first served, that fit the free rows and the token budget."""
+        admitted: list[_Sequence] = []
+        while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
+            batch = self._rows + admitted + [self._waiting[0]]
+            footprint = len(batch) * max(len(s.prompt_ids) + s.params.max_tokens for s in batch)
+            if footprint > self.max_batch_tokens and len(batch) > 1:
+                break  # it waits for rows to leave; nothing behind it jumps the queue
+            admitted.append(self._waiting.pop(0))
+        return admitted
+
+    def _fail(self, held: list[_Sequence]) -> list[Completion]:
+        """Error Completions of the requests a failed step held, and an empty batch. The
+        statistics gathered so far are kept where the buffer can still be read, else NaN rows."""
+        failed = []
+        for seq in held:
+            stats = None
+            if self.instrument:
+                stats = torch.full((len(seq.generated), len(FIELDS)), float("nan"))
+                try:
+                    stats = self._stats[self._rows.index(seq), : len(seq.generated)].float().cpu()
+                except Exception:  # noqa: BLE001 - not merged yet, or the device is gone
+                    pass
+            failed.append(self._completion(seq, "error", stats))
+        self._keep([])
+        return failed
 
     def _prefill(self, seqs: list[_Sequence]) -> list[Completion]:
         device = self.lm.device
@@ -211,7 +304,7 @@ class Engine:
         return out.logits[:, -1], out.past_key_values
 
     def _advance(self, logits: torch.Tensor, rows: slice) -> list[Completion]:
-        """Sample the rows' next tokens, record their statistics, and retire finished rows."""
+        """Sample the rows' next tokens, record their statistics, emit them, and retire finished rows."""
         params = self._params if rows == slice(None) else self._params.select(range(len(self._rows))[rows])
         steps = self._steps[rows]
         seqs = self._rows[rows]
@@ -221,22 +314,34 @@ class Engine:
         keep_min = keep_min_logit(x, params)
         tokens = sample(x, params, steps, keep_min)
         if self.instrument:
-            stats = softmax_stats(logits, tokens, params, keep_min, backend=self.stats_backend)
-            batch = torch.arange(self._stats.shape[0], device=x.device)[rows]
-            self._stats[batch, steps.clamp(max=self._stats.shape[1] - 1)] = stats
-        dead = x.amax(dim=1) <= NONFINITE_FILL  # every logit non-finite: the sequence cannot go on
-        tokens = torch.where(dead, -1, tokens)
+            self._record_stats(logits, tokens, params, keep_min, rows, steps)
+        tokens = torch.where(x.amax(dim=1) <= NONFINITE_FILL, -1, tokens)  # all non-finite: the row cannot go on
+        self._append(tokens, rows)
         top_n = max((s.params.top_logprobs for s in seqs if s.logprobs is not None), default=-1)
         logprobs = _logprobs(x, tokens, top_n) if top_n >= 0 else None
+        finished = self._emit(tokens, logprobs, top_n, rows.start or 0)
+        return self._retire(finished) if finished else []
+
+    def _record_stats(self, logits: torch.Tensor, tokens: torch.Tensor, params: RowParams, keep_min: torch.Tensor,
+                      rows: slice, steps: torch.Tensor) -> None:
+        """The step's statistics into each row's slot of the device buffer."""
+        stats = softmax_stats(logits, tokens, params, keep_min, backend=self.stats_backend)
+        batch = torch.arange(self._stats.shape[0], device=stats.device)[rows]
+        self._stats[batch, steps.clamp(max=self._stats.shape[1] - 1)] = stats
+
+    def _append(self, tokens: torch.Tensor, rows: slice) -> None:
+        """The step's tokens become the rows' next input; their step counts advance."""
         if rows == slice(None):
             self._last = tokens
         else:
             self._last = torch.cat([self._last[: rows.start], tokens]) if rows.start else tokens
         self._steps[rows] += 1
 
+    def _emit(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, top_n: int, first: int) -> list[tuple[int, str]]:
+        """Bring the step's tokens (and logprobs) to the host, hand each to its sequence and its
+        streaming callback; the (row, finish reason) of rows that finished."""
         now = time.perf_counter()
         finished: list[tuple[int, str]] = []
-        first = rows.start or 0
         host = torch.cat([tokens[:, None].float(), logprobs], dim=1) if logprobs is not None else tokens[:, None]
         for i, row in enumerate(host.tolist(), start=first):  # the one host sync of the step
             seq, token = self._rows[i], int(row[0])
@@ -253,7 +358,7 @@ class Engine:
                     seq.on_token(token, entry)
             if reason:
                 finished.append((i, reason))
-        return self._retire(finished) if finished else []
+        return finished
 
     def _stop_reason(self, seq: _Sequence, token: int) -> str | None:
         if token < 0:
@@ -273,34 +378,42 @@ class Engine:
 
     # ---- batch bookkeeping ----------------------------------------------------------------
     def _retire(self, finished: list[tuple[int, str]]) -> list[Completion]:
-        now = time.perf_counter()
+        """Completions of the finished rows, which leave the batch."""
         done = []
         for i, reason in finished:
             seq = self._rows[i]
-            n = len(seq.generated)
-            stats = extra = None
+            stats = None
             if self.instrument:
-                taken = n + (reason == "error")  # the failed step was recorded but emitted nothing
-                all_stats = self._stats[i, :taken].float().cpu()  # the one copy of this sequence
-                stats, extra = all_stats[:n], all_stats[n:]
-            summary = summarize(
-                stats,
-                extra[:, COLUMN["nonfinite"]].sum() if extra is not None else 0.0,
-                extra[:, COLUMN["overflow"]].sum() if extra is not None else 0.0,
-            )
-            text = seq.text if seq.text is not None else self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            ttft = (seq.first_token_at or now) - seq.started
-            summary.update(prompt_tokens=len(seq.prompt_ids), generated_tokens=n, finish_reason=reason,
-                           ttft_s=ttft, latency_s=now - seq.started)
-            done.append(Completion(
-                request_id=seq.request_id, text=text, token_ids=list(seq.generated),
-                prompt_tokens=len(seq.prompt_ids), finish_reason=reason, stats=stats, summary=summary,
-                regime=self.regime(seq.params), created=seq.created, ttft_s=ttft, latency_s=now - seq.started,
-                logprobs=seq.logprobs,
-            ))
+                taken = len(seq.generated) + (reason == "error")  # a dead row's last step was recorded, emitted nothing
+                stats = self._stats[i, :taken].float().cpu()  # the one copy of this sequence
+            done.append(self._completion(seq, reason, stats))
         gone = {i for i, _ in finished}
         self._keep([i for i in range(len(self._rows)) if i not in gone])
         return done
+
+    def _completion(self, seq: _Sequence, reason: str, stats: torch.Tensor | None) -> Completion:
+        """The finished sequence; `stats` are its host statistics rows (one more than its tokens
+        when its last step emitted nothing: that row counts only toward nonfinite and overflow)."""
+        now = time.perf_counter()
+        n = len(seq.generated)
+        extra = None
+        if stats is not None:
+            stats, extra = stats[:n], stats[n:]
+        summary = summarize(
+            stats,
+            extra[:, COLUMN["nonfinite"]].sum() if extra is not None else 0.0,
+            extra[:, COLUMN["overflow"]].sum() if extra is not None else 0.0,
+        )
+        text = seq.text if seq.text is not None else self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        ttft = (seq.first_token_at or now) - seq.started
+        summary.update(prompt_tokens=len(seq.prompt_ids), generated_tokens=n, finish_reason=reason,
+                       ttft_s=ttft, latency_s=now - seq.started)
+        return Completion(
+            request_id=seq.request_id, text=text, token_ids=list(seq.generated),
+            prompt_tokens=len(seq.prompt_ids), finish_reason=reason, stats=stats, summary=summary,
+            regime=self.regime(seq.params), created=seq.created, ttft_s=ttft, latency_s=now - seq.started,
+            logprobs=seq.logprobs,
+        )
 
     def _keep(self, index: list[int]) -> None:
         """Shrink the running batch to the rows at `index`, dropping padding no row needs."""

@@ -186,13 +186,21 @@ def _to_int32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= (1 << 31), v - (1 << 32), v).to(torch.int32)
 
 
+NOISE_BITS = 23
+"""Bits per uniform: (2k + 1) / 2^24 for k < 2^23 is exact in fp32 (24-bit significand), so the
+largest uniform is 1 - 2^-24, never 1.0, and every Gumbel value is finite. With 24 bits,
+k / 2^24 + 2^-25 rounds to 1.0 for the top k: -log(-log 1) = +inf won the race outright."""
+
+
 def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Uniforms in (0, 1) of shape [B, vocab], a pure function of (seed, step, token index)."""
+    """Uniforms strictly inside (0, 1) in fp32, of shape [B, vocab], a pure function of
+    (seed, step, token index): the odd multiples of 2^-24, from 2^-24 to 1 - 2^-24."""
     lo, hi = _to_int32(seed), _to_int32(seed >> 32)
     key = _lowbias32(_lowbias32(lo ^ _lowbias32(hi)) ^ _to_int32(step))
     index = torch.arange(vocab, dtype=torch.int32, device=seed.device)
     h = _lowbias32(key[:, None] + index[None, :] * _GOLDEN)
-    return ((h >> 8) & 0xFFFFFF).float() * (1.0 / (1 << 24)) + (0.5 / (1 << 24))
+    k = (h >> (32 - NOISE_BITS)) & ((1 << NOISE_BITS) - 1)
+    return (2 * k + 1).float() * (1.0 / (1 << (NOISE_BITS + 1)))
 
 
 def sample(
@@ -204,6 +212,8 @@ def sample(
     """Draw one token per row from sanitized fp32 logits `x` [B, V]; greedy rows take the argmax.
 
     `step` [B] is each row's count of tokens generated so far: with the seed it keys the noise.
+    `x` must come from `sanitize`: the Gumbel noise is finite, so with no NaN in `x` the race
+    has none either (x / T may reach -inf at small T; -inf plus finite noise never wins).
     """
     if not rows.any_sampled:
         return x.argmax(dim=1)

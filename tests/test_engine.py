@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from softwatch.engine import DecodingParams, Engine, InvalidRequest
+from softwatch.engine import DecodingParams, Engine, InvalidRequest, StepFailed
 from softwatch.models import tiny_model
 from softwatch.stats import COLUMN
 
@@ -191,16 +191,17 @@ def test_streaming_callback_and_logprobs_match_the_statistics(tiny):
     assert done["plain"].logprobs is None
 
 
-def test_cancel_retires_a_running_request_and_drops_a_waiting_one(tiny):
+def test_cancel_retires_a_running_request_and_a_waiting_one(tiny):
     engine = Engine(tiny, max_batch=1)
     engine.submit("a", DecodingParams(max_tokens=50, ignore_eos=True), request_id="running")
     engine.submit("b", DecodingParams(max_tokens=50), request_id="waiting")
     engine.step()
     engine.step()
-    assert engine.cancel("waiting") is None
+    waited = engine.cancel("waiting", reason="timeout")
+    assert waited.finish_reason == "timeout" and waited.token_ids == [] and waited.stats.shape[0] == 0
     c = engine.cancel("running")
     assert c.finish_reason == "cancelled" and len(c.token_ids) == 2 and c.stats.shape[0] == 2
-    assert not engine.has_work()
+    assert not engine.has_work() and engine.cancel("running") is None
 
 
 def test_injected_logit_faults_are_counted_and_generation_goes_on(tiny):
@@ -239,3 +240,90 @@ def test_instrumented_generate_matches_the_engine(tiny, tmp_path):
     assert c.regime["params_id"] == reference.regime["params_id"]  # greedy: the same regime as the engine's
     watch.close()
     assert Store(str(tmp_path)).rows("SELECT count(*) AS n FROM tokens") == [{"n": 12}]
+
+
+def break_attention(lm):
+    """A real failure of the forward pass: a projection whose shape no longer fits. Returns the undo."""
+    proj = lm.model.model.layers[0].self_attn.q_proj
+    weight = proj.weight
+    proj.weight = torch.nn.Parameter(torch.zeros(3, 5))
+    return lambda: setattr(proj, "weight", weight)
+
+
+def test_a_failed_step_fails_the_requests_it_held_and_keeps_the_waiting_ones():
+    lm = tiny_model(seed=0)
+    engine = Engine(lm, max_batch=2)
+    params = DecodingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    reference = Engine(lm).generate(PROMPTS[:3], params)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.submit(prompt, params, request_id=f"r{i}")
+    engine.step()
+    engine.step()  # r0 and r1 run, two tokens each; r2 waits for a row
+    repair = break_attention(lm)
+    with pytest.raises(StepFailed) as failure:
+        engine.step()
+    failed = {c.request_id: c for c in failure.value.failed}
+    assert set(failed) == {"r0", "r1"} and isinstance(failure.value.cause, RuntimeError)
+    for rid, ref in zip(("r0", "r1"), reference):
+        c = failed[rid]
+        assert c.finish_reason == "error" and c.token_ids == ref.token_ids[:2]
+        torch.testing.assert_close(c.stats, ref.stats[:2], rtol=1e-4, atol=1e-4)  # what they had is kept
+        assert c.summary["generated_tokens"] == 2 and c.summary["finish_reason"] == "error"
+    assert engine.running == 0 and engine.waiting == 1
+    with pytest.raises(StepFailed) as failure:  # a failing prefill fails the request it admitted
+        engine.step()
+    assert [(c.request_id, c.token_ids) for c in failure.value.failed] == [("r2", [])]
+    repair()
+    engine.submit(PROMPTS[2], params, request_id="again")
+    assert run_to_end(engine, {})["again"].token_ids == reference[2].token_ids  # the engine serves on
+
+
+def test_admission_keeps_the_padded_batch_within_the_token_budget(tiny):
+    long_prompt = "the quick brown fox jumps over the lazy dog " * 6  # ~265 tokens: one row pads every row to it
+    params = DecodingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    budget = 300
+    engine = Engine(tiny, max_batch=8, max_batch_tokens=budget)
+    rids = [engine.submit(p, params) for p in [PROMPTS[0], long_prompt, *PROMPTS[1:]]]
+    done, footprints = {}, []
+    while engine.has_work():
+        for c in engine.step():
+            done[c.request_id] = c
+        rows = engine._rows
+        footprints.append(len(rows) * max((len(s.prompt_ids) + s.params.max_tokens for s in rows), default=0))
+    assert max(footprints) <= budget and max(footprints) > budget // 2
+    alone = {p: Engine(tiny, max_batch=1).generate([p], params)[0].token_ids for p in [long_prompt, *PROMPTS]}
+    assert [done[r].token_ids for r in rids] == [alone[p] for p in [PROMPTS[0], long_prompt, *PROMPTS[1:]]]
+    with pytest.raises(InvalidRequest, match="token budget") as err:  # could never fit, even alone
+        engine.submit(long_prompt, DecodingParams(max_tokens=100))
+    assert err.value.field == "max_tokens"
+
+
+def test_prompt_limits_name_the_field_the_prompt_came_in(tiny):
+    engine = Engine(tiny, max_prompt_tokens=20)
+    with pytest.raises(InvalidRequest, match="at most 20") as err:
+        engine.submit("y" * 21, DecodingParams(max_tokens=1))
+    assert err.value.field == "prompt"
+    with pytest.raises(InvalidRequest, match="at most 20") as err:
+        engine.submit([{"role": "user", "content": "y" * 10}], DecodingParams(max_tokens=1))  # 10 + the template's
+    assert err.value.field == "messages"
+    with pytest.raises(InvalidRequest, match="context") as err:
+        Engine(tiny).submit("x" * 600, DecodingParams(max_tokens=1), chat=True)
+    assert err.value.field == "messages"
+    assert not engine.has_work()
+
+
+ALTERNATING_TEMPLATE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+)
+
+
+def test_a_chat_template_that_raises_is_the_requests_invalid_messages():
+    lm = tiny_model(seed=0)
+    lm.tokenizer.chat_template = ALTERNATING_TEMPLATE
+    engine = Engine(lm)
+    assert engine.prepare([{"role": "user", "content": "hi"}], chat=True)
+    with pytest.raises(InvalidRequest, match="roles must alternate") as err:
+        engine.prepare([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], chat=True)
+    assert err.value.field == "messages" and not engine.has_work()

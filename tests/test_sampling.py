@@ -59,3 +59,21 @@ def test_a_seed_gives_the_same_tokens_whatever_the_batch():
     full = sample(sanitize(logits), rows, steps)
     part = sample(sanitize(logits[[3, 1]]), rows.select([3, 1]), steps[[3, 1]])
     assert torch.equal(part, full[[3, 1]])
+
+
+def test_a_token_far_below_the_top_is_never_drawn_at_full_vocabulary():
+    """The issue's case: V = 49,152, one logit 30 above the rest, 20,000 rows. With noise that
+    rounded to 1.0 (about V / 2^24 per row) a random token won: at T = 1 any token, at T = 0.05 also
+    a NaN logit's (its sanitized fill / T is -inf, and -inf + inf is NaN, which argmax takes)."""
+    n, vocab, chunk = 20_000, 49_152, 500  # rows in chunks: 20,000 x V fp32 is 3.9 GB per copy
+    logits = torch.zeros(chunk, vocab)
+    logits[:, 7] = 30.0
+    logits[:, 100:104] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")])
+    x = sanitize(logits)
+    wrong = []
+    for first in range(0, n, chunk):
+        temperature = 1.0 if first < n // 2 else 0.05
+        rows = rows_of(chunk, temperature, seeds=range(first, first + chunk))
+        tokens = sample(x, rows, torch.full((chunk,), 3, dtype=torch.long))
+        wrong += tokens[tokens != 7].tolist()
+    assert not wrong, f"{len(wrong)} of {n} rows drew another token: {wrong[:10]}"

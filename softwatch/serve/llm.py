@@ -1,9 +1,16 @@
 """The LLM deployment: each replica owns a model, one continuously batched decode loop on its
 own thread, a ParquetSink and a telemetry provider.
 
-Requests arrive as concurrent async calls; each is handed to the decode thread through an
-inbox and answered through an asyncio queue that the thread feeds with
-`loop.call_soon_threadsafe`. New requests join the running batch between steps.
+Requests arrive as concurrent async calls. Each is validated and tokenized (chat template
+included) in a worker thread of the event loop, so that nothing a request brings can stop the
+decode thread; then it is handed to the decode thread through an inbox and answered through an
+asyncio queue that the thread feeds with `loop.call_soon_threadsafe`. New requests join the
+running batch between steps, as the engine's token budget admits them.
+
+Every request the engine took ends with exactly one record (written before its caller hears):
+finished, cancelled (its client went away), "timeout" (past `request_timeout_s`) or "error" (a
+failed step). A caller whose record could not be written gets an error, never a success. A replica
+whose last `max_failed_steps` steps all failed reports itself unhealthy, so Serve replaces it.
 """
 
 from __future__ import annotations
@@ -15,11 +22,12 @@ import math
 import os
 import queue
 import threading
+from collections.abc import Callable
 
 from ray import serve
 
 from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs
-from ..engine import Engine
+from ..engine import Engine, StepFailed
 from ..models import load_model
 from ..recorder import Recorder
 from ..records import RecordContext
@@ -30,6 +38,8 @@ log = logging.getLogger("softwatch.serve")
 
 # What an operator may set through the deployment's user_config (a config push).
 DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "template_version")
+DEFAULT_REQUEST_TIMEOUT_S = 300.0
+DEFAULT_MAX_FAILED_STEPS = 3
 
 
 class LLMServer:
@@ -41,7 +51,12 @@ class LLMServer:
             torch.set_num_threads(int(threads))
         self.lm = load_model(settings.get("model", "SmolLM2-135M-Instruct"), device=settings.get("device", "auto"),
                              dtype=settings.get("dtype", "auto"))
-        self.engine = Engine(self.lm, max_batch=int(settings.get("max_batch", 32)))
+        self.engine = Engine(self.lm, max_batch=int(settings.get("max_batch", 32)),
+                             max_prompt_tokens=_optional_int(settings.get("max_prompt_tokens")),
+                             max_batch_tokens=_optional_int(settings.get("max_batch_tokens")))
+        self.request_timeout_s = float(settings.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))
+        self.max_failed_steps = int(settings.get("max_failed_steps", DEFAULT_MAX_FAILED_STEPS))
+        self.failed_steps = 0  # consecutive; a successful step resets it
         self.defaults = DecodingParams()
         replica = _replica_id()
         self.context = RecordContext(deployment=settings.get("deployment", "softwatch"), replica=replica,
@@ -71,11 +86,14 @@ class LLMServer:
     async def info(self) -> dict:
         return {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "context_length": self.lm.context_length,
                 "defaults": {k: getattr(self.defaults, k) for k in DEFAULT_KEYS},
-                "params_id": self.defaults.params_id, "replica": self.context.replica, "pid": os.getpid()}
+                "params_id": self.defaults.params_id, "replica": self.context.replica, "pid": os.getpid(),
+                "running": self.engine.running, "waiting": self.engine.waiting, "failed_steps": self.failed_steps}
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
             raise RuntimeError("the decode loop has stopped")
+        if self.failed_steps >= self.max_failed_steps:
+            raise RuntimeError(f"the engine failed its last {self.failed_steps} decode steps")
 
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, spec: dict):
@@ -97,17 +115,37 @@ class LLMServer:
             yield {"type": "error", "status": 400, "param": "softwatch.inject_fault",
                    "message": "fault injection is off on this deployment (set allow_fault_injection)"}
             return
+        prompt = spec.get("messages") or spec.get("prompt")
+        try:
+            ids = await asyncio.to_thread(self.engine.prepare, prompt, params, "messages" in spec, spec.get("fault"))
+        except InvalidRequest as exc:
+            yield {"type": "error", "status": 400, "param": exc.field, "message": str(exc)}
+            return
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the replica's
+            log.exception("softwatch: preparing %s failed", spec["request_id"])
+            yield {"type": "error", "status": 500, "param": None,
+                   "message": f"preparing the request failed: {type(exc).__name__}: {exc}"}
+            return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        put = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)  # noqa: E731
+        put = _sender(loop, events)
         on_token = (lambda token, lp: put(("token", token, lp))) if spec.get("stream") else None
         rid = spec["request_id"]
-        self._inbox.put(("submit", rid, spec, params, on_token, put))
+        text_of_prompt = prompt if isinstance(prompt, str) else repr(prompt)
+        self._inbox.put(("submit", rid, ids, params, on_token, put, text_of_prompt, spec.get("fault")))
         finished = False
         text = _TextStream(self.lm.tokenizer, params.stop)
+        deadline = loop.time() + self.request_timeout_s
         try:
             while True:
-                event = await events.get()
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=max(deadline - loop.time(), 0))
+                except TimeoutError:
+                    finished = True
+                    self._inbox.put(("cancel", rid, "timeout"))
+                    yield {"type": "error", "status": 504, "param": None,
+                           "message": f"the request did not finish within {self.request_timeout_s:g} s"}
+                    return
                 if event[0] == "token":
                     yield {"type": "token", "text": text.push(event[1]),
                            "logprobs": _logprobs(self.lm.tokenizer, event[2], event[1])}
@@ -121,7 +159,7 @@ class LLMServer:
                     return
         finally:
             if not finished:  # the client went away: stop decoding for it
-                self._inbox.put(("cancel", rid))
+                self._inbox.put(("cancel", rid, "cancelled"))
 
     def _result(self, c: Completion, spec: dict) -> dict:
         tok = self.lm.tokenizer
@@ -134,63 +172,82 @@ class LLMServer:
 
     # ---- the decode thread ----------------------------------------------------------------
     def _decode_loop(self) -> None:
-        waiting: dict[str, callable] = {}  # request id -> put
-        specs: dict[str, str | None] = {}
+        callers: dict[str, Callable] = {}  # request id -> put
+        prompts: dict[str, str] = {}
         while True:
             try:
                 command = self._inbox.get(block=not self.engine.has_work(), timeout=0.5)
             except queue.Empty:
                 command = None
             if command is not None:
-                self._command(command, waiting, specs)
+                self._command(command, callers, prompts)
                 while True:  # take everything that arrived, so it all joins this step
                     try:
-                        self._command(self._inbox.get_nowait(), waiting, specs)
+                        self._command(self._inbox.get_nowait(), callers, prompts)
                     except queue.Empty:
                         break
             if self._stopping and not self.engine.has_work():
                 return
-            if not self.engine.has_work():
-                continue
-            try:
-                finished = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
-                log.exception("softwatch: decode step failed; failing the running requests")
-                for put in waiting.values():
-                    put(("error", 500, None, f"decode failed: {type(exc).__name__}"))
-                waiting.clear()
-                self.engine = Engine(self.lm, max_batch=self.engine.max_batch)
-                continue
-            for c in finished:
-                self._record(c, specs.pop(c.request_id, None))
-                put = waiting.pop(c.request_id, None)
-                if put is not None:
-                    put(("done", c))
+            if self.engine.has_work():
+                self._step(callers, prompts)
 
-    def _command(self, command: tuple, waiting: dict, specs: dict) -> None:
-        if command[0] == "cancel":
-            rid = command[1]
-            waiting.pop(rid, None)
-            c = self.engine.cancel(rid)
-            if c is not None:
-                self._record(c, specs.pop(rid, None))
-            return
-        _, rid, spec, params, on_token, put = command
-        prompt = spec.get("messages") or spec.get("prompt")
+    def _step(self, callers: dict, prompts: dict) -> None:
         try:
-            self.engine.submit(prompt, params, chat="messages" in spec, request_id=rid, on_token=on_token,
-                               fault=spec.get("fault"))
+            finished = self.engine.step()
+        except StepFailed as failure:
+            self.failed_steps += 1
+            log.error("softwatch: decode step failed (%d in a row); failing its %d requests",
+                      self.failed_steps, len(failure.failed), exc_info=failure.cause)
+            message = f"decoding failed on this replica ({type(failure.cause).__name__})"
+            for c in failure.failed:
+                self._finish(c, callers, prompts, error=(500, None, message))
+            return
+        self.failed_steps = 0
+        for c in finished:
+            self._finish(c, callers, prompts)
+
+    def _command(self, command: tuple, callers: dict, prompts: dict) -> None:
+        if command[0] == "cancel":
+            _, rid, reason = command
+            c = self.engine.cancel(rid, reason)
+            if c is not None:
+                self._finish(c, callers, prompts)
+            callers.pop(rid, None)
+            return
+        _, rid, ids, params, on_token, put, prompt, fault = command
+        try:
+            self.engine.submit(ids, params, request_id=rid, on_token=on_token, fault=fault)
         except InvalidRequest as exc:
             put(("error", 400, exc.field, str(exc)))
             return
-        waiting[rid] = put
-        specs[rid] = prompt if isinstance(prompt, str) else repr(prompt)
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the loop's
+            log.exception("softwatch: submitting %s failed", rid)
+            put(("error", 500, None, f"the request could not be queued: {type(exc).__name__}"))
+            return
+        callers[rid] = put
+        prompts[rid] = prompt
 
-    def _record(self, c: Completion, prompt: str | None) -> None:
+    def _finish(self, c: Completion, callers: dict, prompts: dict, error: tuple | None = None) -> None:
+        """Record a request that left the engine, then answer its caller (if it still listens)."""
+        durable = self._record(c, prompts.pop(c.request_id, None))
+        put = callers.pop(c.request_id, None)
+        if put is None:
+            return
+        if error is not None:
+            put(("error", *error))
+        elif not durable:
+            put(("error", 503, None, "the replica could not record this request; retry it"))
+        else:
+            put(("done", c))
+
+    def _record(self, c: Completion, prompt: str | None) -> bool:
+        """Whether the record is durable; a broken sink must not stop serving, only this answer."""
         try:
             self.recorder.record(c, prompt)
-        except Exception:  # noqa: BLE001 - a broken sink must not stop serving
+            return True
+        except Exception:  # noqa: BLE001
             log.exception("softwatch: recording %s failed", c.request_id)
+            return False
 
     # ---- shutdown -------------------------------------------------------------------------
     def __del__(self):
@@ -201,7 +258,7 @@ class LLMServer:
         if self._stopping:
             return
         self._stopping = True
-        self._inbox.put(("cancel", ""))  # wake the loop
+        self._inbox.put(("cancel", "", "cancelled"))  # wake the loop
         self._thread.join(timeout=drain_s)
         self.recorder.close()
 
@@ -226,6 +283,22 @@ class _TextStream:
             return ""
         delta, self.sent = safe[len(self.sent):], safe
         return delta
+
+
+def _sender(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[tuple], None]:
+    """put(event) for the decode thread: onto the caller's queue, through the caller's loop."""
+
+    def put(event: tuple) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the caller's loop has closed: nobody is listening
+            pass
+
+    return put
+
+
+def _optional_int(value) -> int | None:
+    return None if value is None else int(value)
 
 
 def _finite(value):

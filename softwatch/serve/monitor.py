@@ -1,8 +1,14 @@
 """The DriftMonitor deployment: runs the drift monitor over the shared dataset on an
-interval, exports the drift gauges, and answers read-only queries of `drift_reports`."""
+interval, exports the drift gauges, and answers read-only queries of `drift_reports`.
+
+A run can take seconds. Runs hold their own lock and the async methods do their work in worker
+threads, so the replica's event loop (health checks, report queries) never waits on a run:
+queries see the reports of the last completed run.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -29,7 +35,8 @@ class DriftMonitor:
         self.config = MonitorConfig()
         self.telemetry = Telemetry(settings.get("metrics", "none"), instance_id=f"drift-monitor-{os.getpid()}",
                                    data_root=self.data)
-        self._lock = threading.Lock()  # one DuckDB connection per thread of use
+        self._run_lock = threading.Lock()  # one run at a time
+        self._reader_lock = threading.Lock()  # the reader's DuckDB connection: one query at a time
         self._reader = Store(self.data)
         self._seen = -1
         self._wake = threading.Event()
@@ -65,7 +72,7 @@ class DriftMonitor:
 
     def run_once(self, force: bool = False) -> dict | None:
         """Run the monitor when sequences arrived since the last run (or when forced)."""
-        with self._lock:
+        with self._run_lock:
             monitor = Monitor(self.data, self.config, self.telemetry)
             try:
                 (count,) = monitor.store.rows("SELECT count(*) AS n FROM sequences")
@@ -78,7 +85,7 @@ class DriftMonitor:
         return {"report_id": report.report_id, "verdict": report.verdict, "rows": len(report.rows)}
 
     async def run_now(self) -> dict | None:
-        return self.run_once(force=True)
+        return await asyncio.to_thread(self.run_once, True)
 
     async def reports(self, filters: dict, latest: bool = False, limit: int = 1000) -> list[dict]:
         """drift_reports rows, newest first; filters are equality on REPORT_FILTERS columns plus
@@ -95,9 +102,13 @@ class DriftMonitor:
         if latest:
             clauses.append("report_id = (SELECT report_id FROM drift_reports ORDER BY ts DESC LIMIT 1)")
         where = " AND ".join(clauses) or "TRUE"
-        with self._lock:
-            return self._reader.rows(f"SELECT {', '.join(REPORT_COLUMNS)} FROM drift_reports WHERE {where} "
-                                     f"ORDER BY ts DESC, kind, metric, test LIMIT {int(limit)}", params)
+        sql = f"SELECT {', '.join(REPORT_COLUMNS)} FROM drift_reports WHERE {where} ORDER BY ts DESC, kind, metric, test " \
+              f"LIMIT {int(limit)}"
+        return await asyncio.to_thread(self._query, sql, params)
+
+    def _query(self, sql: str, params: list) -> list[dict]:
+        with self._reader_lock:
+            return self._reader.rows(sql, params)
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
