@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .admission import PromptLimits
 from .completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, summarize
 from .host import keep_freed_memory
 from .models import LoadedModel
@@ -72,9 +73,7 @@ class Engine:
         keep_freed_memory()
         self.lm = lm
         self.max_batch = max_batch
-        self.max_prompt_tokens = min(max_prompt_tokens or lm.context_length, lm.context_length)
-        # rows x longest (prompt + max_tokens) of the batch: the KV cache's size in tokens, padding included
-        self.max_batch_tokens = max_batch_tokens or max_batch * lm.context_length
+        self.limits = PromptLimits.of(lm, max_batch, max_prompt_tokens, max_batch_tokens)
         self.instrument = instrument
         self.stats_backend = stats_backend
         self._eos = lm.eos_token_ids
@@ -88,34 +87,6 @@ class Engine:
         self._head = lm.model.get_output_embeddings().weight if type(lm.model).__name__ in PLAIN_HEAD_MODELS else None
 
     # ---- requests -------------------------------------------------------------------------
-    def encode(self, prompt: str | list[dict] | list[int], chat: bool = False) -> list[int]:
-        """Token ids of a prompt: text, chat messages ([{"role", "content"}]) or ids."""
-        tok = self.lm.tokenizer
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            vocab = self.lm.vocab_size
-            if not all(0 <= t < vocab for t in prompt):
-                raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
-            return list(prompt)
-        if isinstance(prompt, list) or chat:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if not messages:
-                raise InvalidRequest("messages", "must not be empty")
-            if not getattr(tok, "chat_template", None):
-                raise InvalidRequest("messages", f"model {self.lm.model_id} has no chat template")
-            return self._apply_chat_template(messages)
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("prompt", "must be a non-empty string")
-        return tok(prompt)["input_ids"]
-
-    def _apply_chat_template(self, messages: list[dict]) -> list[int]:
-        from jinja2 import TemplateError
-
-        try:
-            ids = self.lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except TemplateError as exc:  # the template refuses these messages (e.g. roles out of order)
-            raise InvalidRequest("messages", f"the chat template refused them: {exc}") from exc
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-
     def prepare(
         self,
         prompt: str | list[dict] | list[int],
@@ -125,30 +96,9 @@ class Engine:
     ) -> list[int]:
         """Validate a request and return its prompt's token ids; InvalidRequest names the field.
         Touches no engine state, so tokenization and templating can run off the decode thread."""
-        params.validate()
         if fault is not None and fault not in FAULTS:
             raise InvalidRequest("softwatch.inject_fault", f"must be one of {', '.join(FAULTS)}, got {fault!r}")
-        ids = self.encode(prompt, chat)
-        field = "messages" if chat or isinstance(prompt, list) and not all(isinstance(t, int) for t in prompt) else "prompt"
-        context = self.lm.context_length
-        if not ids:
-            raise InvalidRequest(field, "encodes to no tokens")
-        if len(ids) >= context:
-            raise InvalidRequest(field, f"is {len(ids)} tokens; the model's context is {context}")
-        if len(ids) > self.max_prompt_tokens:
-            raise InvalidRequest(field, f"is {len(ids)} tokens; this deployment accepts at most {self.max_prompt_tokens}")
-        if len(ids) + params.max_tokens > context:
-            raise InvalidRequest(
-                "max_tokens",
-                f"{params.max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's context of {context}",
-            )
-        if len(ids) + params.max_tokens > self.max_batch_tokens:
-            raise InvalidRequest(
-                "max_tokens",
-                f"{params.max_tokens} plus the prompt's {len(ids)} tokens exceeds this deployment's token budget "
-                f"of {self.max_batch_tokens}",
-            )
-        return ids
+        return self.limits.prepare(prompt, params, chat)
 
     def submit(
         self,
@@ -187,6 +137,9 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._rows)
+
+    def close(self) -> None:
+        """Nothing outside this object to release (the vLLM engine has: its handoff)."""
 
     @property
     def running(self) -> int:
@@ -239,7 +192,7 @@ class Engine:
         while self._waiting and len(self._rows) + len(admitted) < self.max_batch:
             batch = self._rows + admitted + [self._waiting[0]]
             footprint = len(batch) * max(len(s.prompt_ids) + s.params.max_tokens for s in batch)
-            if footprint > self.max_batch_tokens and len(batch) > 1:
+            if footprint > self.limits.max_batch_tokens and len(batch) > 1:
                 break  # it waits for rows to leave; nothing behind it jumps the queue
             admitted.append(self._waiting.pop(0))
         return admitted

@@ -149,9 +149,9 @@ def test_token_id_prompts_outside_the_vocabulary_are_refused(tiny):
 
 def test_chat_prompts_use_the_chat_template(tiny):
     engine = Engine(tiny)
-    ids = engine.encode([{"role": "user", "content": "hi"}])
+    ids = engine.limits.encode([{"role": "user", "content": "hi"}])
     assert tiny.tokenizer.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert engine.encode("hi", chat=True) == ids
+    assert engine.limits.encode("hi", chat=True) == ids
 
 
 def test_smollm2_greedy_equals_transformers_generate(smollm2):

@@ -23,6 +23,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ray import serve
 
@@ -33,6 +34,10 @@ from ..recorder import Recorder
 from ..records import RecordContext
 from ..store import ParquetSink
 from ..telemetry import Telemetry
+from ..vllm import resolve_engine
+
+if TYPE_CHECKING:
+    from ..vllm.engine import VLLMEngine
 
 log = logging.getLogger("softwatch.serve")
 
@@ -49,11 +54,8 @@ class LLMServer:
             import torch
 
             torch.set_num_threads(int(threads))
-        self.lm = load_model(settings.get("model", "SmolLM2-135M-Instruct"), device=settings.get("device", "auto"),
-                             dtype=settings.get("dtype", "auto"))
-        self.engine = Engine(self.lm, max_batch=int(settings.get("max_batch", 32)),
-                             max_prompt_tokens=_optional_int(settings.get("max_prompt_tokens")),
-                             max_batch_tokens=_optional_int(settings.get("max_batch_tokens")))
+        self.engine = _engine(settings)
+        self.lm = self.engine.lm
         self.request_timeout_s = float(settings.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S))
         self.max_failed_steps = int(settings.get("max_failed_steps", DEFAULT_MAX_FAILED_STEPS))
         self.failed_steps = 0  # consecutive; a successful step resets it
@@ -261,6 +263,7 @@ class LLMServer:
         self._inbox.put(("cancel", "", "cancelled"))  # wake the loop
         self._thread.join(timeout=drain_s)
         self.recorder.close()
+        self.engine.close()
 
 
 class _TextStream:
@@ -295,6 +298,25 @@ def _sender(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[
             pass
 
     return put
+
+
+def _engine(settings: dict) -> Engine | VLLMEngine:
+    """The replica's engine: vLLM with the observer (`engine` "vllm", or "auto" where vLLM is
+    installed) or softwatch's own."""
+    model = settings.get("model", "SmolLM2-135M-Instruct")
+    limits = {"max_batch": int(settings.get("max_batch", 32)),
+              "max_prompt_tokens": _optional_int(settings.get("max_prompt_tokens")),
+              "max_batch_tokens": _optional_int(settings.get("max_batch_tokens"))}
+    if resolve_engine(settings.get("engine", "auto")) == "vllm":
+        from ..vllm.engine import VLLMEngine
+
+        dtype = settings.get("dtype", "auto")
+        return VLLMEngine(model, observe=bool(settings.get("observe", True)), **limits,
+                          **({} if dtype == "auto" else {"dtype": dtype}))
+    if not settings.get("observe", True):
+        raise ValueError("observe: false is for the vllm engine (a benchmark's baseline)")
+    lm = load_model(model, device=settings.get("device", "auto"), dtype=settings.get("dtype", "auto"))
+    return Engine(lm, **limits)
 
 
 def _optional_int(value) -> int | None:

@@ -14,6 +14,7 @@ With the OpenAI server: `--logits-processors softwatch.vllm.observer:SoftwatchOb
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from ..models import checkpoint, resolve_device, resolve_dtype
@@ -21,6 +22,7 @@ from ..store import wait_for_records  # noqa: F401 - part of this package's inte
 from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
 from .settings import ObserverSettings
 
+ENGINES = ("auto", "vllm", "softwatch")
 OBSERVER = "softwatch.vllm.observer:SoftwatchObserver"
 CPU_KV_CACHE_BYTES = 1 << 30
 """vLLM's default reserves 92% of a CPU node's memory for the KV cache, and refuses to start
@@ -47,6 +49,17 @@ def engine_kwargs(model: str = "SmolLM2-135M-Instruct", settings: ObserverSettin
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     kwargs.update(overrides)
     return kwargs
+
+
+def resolve_engine(name: str) -> str:
+    """"vllm" or "softwatch" for an `engine` setting: "auto" is vLLM where it is installed."""
+    if name not in ENGINES:
+        raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, got {name!r}")
+    if name == "auto":
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "softwatch"
+    if name == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("engine: vllm is not installed here (python -m softwatch.vllm.install)")
+    return name
 
 
 def use_v1_model_runner() -> None:

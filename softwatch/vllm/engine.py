@@ -20,7 +20,8 @@ from functools import cached_property
 import torch
 
 from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, summarize
-from ..engine import PromptLimits, StepFailed
+from ..admission import PromptLimits
+from ..engine import StepFailed
 from ..stats import FIELDS
 from . import engine_kwargs, use_v1_model_runner
 from .handoff import Handoff
