@@ -347,8 +347,22 @@ def test_deploy_files_are_valid_serve_configs():
     service = yaml.safe_load((root / "rayservice.yaml").read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    gpu = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    cluster = service["spec"]["rayClusterConfig"]
+    gpu = cluster["workerGroupSpecs"][0]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # who gets in: a key from a Secret on every pod, none in the Serve config; Ray's dashboard needs its token
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["applications"][0]["args"]["require_api_key"] is True
+    assert "api_key" not in serve_config["applications"][0]["args"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["SOFTWATCH_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "softwatch-api-key"
+        assert pod["rayStartParams"].get("dashboard-host") != "0.0.0.0"
+    assert cluster["authOptions"]["mode"] == "token"
+    assert args["require_api_key"] is True
+    with pytest.raises(ValueError, match="api_key must not be an application arg"):
+        build_app({"api_key": "secret"})
     with pytest.raises(ValueError, match="unknown"):
         build_app({"modle": "typo"})
     import shutil
