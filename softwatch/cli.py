@@ -111,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(srv)
     srv.add_argument("--metrics", choices=["prometheus", "otlp", "none"], default=None, help="default prometheus")
     srv.add_argument("--config", default=None, help="a Serve config file such as deploy/serve.yaml")
-    srv.add_argument("--api-key", default=None, help="require this bearer token (default $SOFTWATCH_API_KEY)")
+    srv.add_argument("--api-key", default=None,
+                     help="require this bearer token (default $SOFTWATCH_API_KEY; --api-key-file keeps it out of "
+                          "the process list)")
+    srv.add_argument("--api-key-file", default=None,
+                     help="require the bearer token in this file (read where the ingress runs: a mounted secret)")
     srv.add_argument("--ray-address", default=None,
                      help="Ray cluster to deploy on (default: the running one, else a new local one; 'local' forces new)")
 
@@ -620,9 +624,10 @@ def _serve(args) -> int:
 
     app_args, http = args_from_config(args.config) if args.config else ({}, {})
     for key, value in (("model", args.model), ("replicas", args.replicas), ("data", args.data),
-                       ("metrics", args.metrics), ("api_key", args.api_key)):
+                       ("metrics", args.metrics)):
         if value is not None:
             app_args[key] = value
+    key_dir = _deliver_api_key(args, app_args)
     app_args.setdefault("data", default_root())
     app_args.setdefault("metrics", "prometheus")
     host = args.host or http.get("host", "127.0.0.1")
@@ -665,7 +670,34 @@ def _serve(args) -> int:
               flush=True)
         serve.shutdown()
         ray.shutdown()
+        if key_dir is not None:
+            key_dir.cleanup()
     return 0
+
+
+def _deliver_api_key(args, app_args: dict):
+    """Point the app at the API key without putting the key in its args (which `serve config`
+    shows): --api-key-file as given; a key from --api-key or $SOFTWATCH_API_KEY goes into a file
+    only this user can read, for the ingress on this machine. Returns that file's directory."""
+    import tempfile
+
+    from .serve.auth import ENV_VAR
+
+    key = args.api_key or os.environ.get(ENV_VAR)
+    if args.api_key_file:
+        app_args.update(api_key_file=os.path.abspath(args.api_key_file), require_api_key=True)
+        return None
+    if not key:
+        if not app_args.get("require_api_key"):
+            print("softwatch serve: no API key: every route is open to anyone who reaches "
+                  "the service (give --api-key-file or $SOFTWATCH_API_KEY)", file=sys.stderr, flush=True)
+        return None
+    key_dir = tempfile.TemporaryDirectory(prefix="softwatch-key-")  # mode 0700
+    path = os.path.join(key_dir.name, "api-key")
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(key)
+    app_args.update(api_key_file=path, require_api_key=True)
+    return key_dir
 
 
 def _demo(args) -> int:

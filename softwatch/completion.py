@@ -27,6 +27,13 @@ class InvalidRequest(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20
+# Bounds of the numeric fields: what the sampler's int64 seed tensor and the records' int32
+# columns hold, and OpenAI's own limits; a value past them fails here, not in a step or a flush.
+MAX_TEMPERATURE = 2.0
+MAX_INT32 = 2**31 - 1
+SEED_RANGE = (-(2**63), 2**63 - 1)
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -53,18 +60,20 @@ class DecodingParams:
     def validate(self) -> None:
         checks = [
             ("temperature", isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-             and self.temperature >= 0, "must be a finite number >= 0"),
+             and 0 <= self.temperature <= MAX_TEMPERATURE, f"must be a number in [0, {MAX_TEMPERATURE}]"),
             ("top_p", isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "must be an integer >= 0 (0 = off)"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "must be an integer >= 1"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("top_k", _int_in(self.top_k, 0, MAX_INT32), f"must be an integer in [0, {MAX_INT32}] (0 = off)"),
+            ("max_tokens", _int_in(self.max_tokens, 1, MAX_INT32), f"must be an integer in [1, {MAX_INT32}]"),
+            ("stop", len(self.stop) <= MAX_STOPS, f"must have at most {MAX_STOPS} entries, got {len(self.stop)}"),
+            ("stop", all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"must be non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            ("seed", self.seed is None or _int_in(self.seed, *SEED_RANGE), f"must be an integer in {list(SEED_RANGE)}"),
             ("top_logprobs", isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
              f"must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
         ]
         for name, ok, message in checks:
             if not ok:
-                raise InvalidRequest(name, f"{message}, got {getattr(self, name)!r}")
+                raise InvalidRequest(name, message if name == "stop" else f"{message}, got {getattr(self, name)!r}")
 
     def regime_params(self) -> dict:
         """The decoding parameters that shape the sampling distribution, normalized."""
@@ -79,6 +88,10 @@ class DecodingParams:
     @property
     def params_id(self) -> str:
         return params_id(self.regime_params())
+
+
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
 def params_id(regime_params: dict) -> str:

@@ -29,6 +29,12 @@ from .records import RecordContext
 log = logging.getLogger("softwatch.telemetry")
 
 EXPORTERS = ("prometheus", "otlp", "memory", "none")
+# Decoding parameters are per request: a client sending a new temperature each time would make
+# a new label set each time. A process labels its first MAX_LABELED_REGIMES regimes exactly (the
+# deployment's configured defaults come first: most traffic uses them) and every later one as
+# CUSTOM; the records keep every request's exact parameters.
+MAX_LABELED_REGIMES = 8
+CUSTOM = "custom"
 TARGETS_DIR = "prometheus/targets"  # under the data root
 
 # Bucket upper bounds chosen per quantity, so that the quantiles a dashboard draws land
@@ -123,6 +129,7 @@ class Telemetry:
         self.drift_alarm = meter.create_gauge(
             "softwatch.drift.alarm", unit="1", description="1 while the latest comparison says drift, else 0")
         self._attributes: dict[tuple, dict] = {}
+        self._labeled_params: set[str] = set()
 
     # ---- recording ----------------------------------------------------------------------------
     def record(self, completion: Completion, context: RecordContext) -> None:
@@ -150,20 +157,28 @@ class Telemetry:
         self.drift_alarm.set(int(alarm), attributes)
 
     def _regime_attributes(self, regime: dict, context: RecordContext) -> dict:
-        key = (regime["model_id"], regime["model_rev"], regime["params_id"], context.deployment, context.replica)
+        labeled = self._labels_params(regime["params_id"])
+        key = (regime["model_id"], regime["model_rev"], regime["params_id"] if labeled else CUSTOM,
+               context.deployment, context.replica)
         attrs = self._attributes.get(key)
         if attrs is None:
             attrs = self._attributes[key] = {
                 "gen_ai.request.model": regime["model_id"],
                 "model_rev": regime["model_rev"],
-                "params_id": regime["params_id"],
-                "temperature": float(regime["temperature"]),
-                "top_p": float(regime["top_p"]),
-                "top_k": int(regime["top_k"]),
+                "params_id": regime["params_id"] if labeled else CUSTOM,
+                "temperature": float(regime["temperature"]) if labeled else CUSTOM,
+                "top_p": float(regime["top_p"]) if labeled else CUSTOM,
+                "top_k": int(regime["top_k"]) if labeled else CUSTOM,
                 "deployment": context.deployment,
                 "replica": context.replica,
             }
         return attrs
+
+    def _labels_params(self, params_id: str) -> bool:
+        """Whether this regime's decoding parameters get labels of their own (see MAX_LABELED_REGIMES)."""
+        if params_id not in self._labeled_params and len(self._labeled_params) < MAX_LABELED_REGIMES:
+            self._labeled_params.add(params_id)
+        return params_id in self._labeled_params
 
     # ---- exporters ----------------------------------------------------------------------------
     def _start_prometheus(self, host: str, port: int, data_root: str | None) -> MetricReader:

@@ -56,8 +56,11 @@ def service(ray_cluster, tmp_path_factory):
     from .prometheus import free_port
 
     data = str(tmp_path_factory.mktemp("serve-data"))
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(API_KEY + "\n")
     port = free_port()
-    args = {"model": "tiny-random", "data": data, "num_cpus": 0.5, "api_key": API_KEY, "max_batch": 16,
+    args = {"model": "tiny-random", "data": data, "num_cpus": 0.5, "api_key_file": str(key_file),
+            "require_api_key": True, "max_batch": 16,
             "defaults": {"temperature": 0.7, "max_tokens": 8},
             "drift": {"interval_s": 2, "min_sequences": 20, "window": 20, "permutations": 999}}
     run(args, port=port)

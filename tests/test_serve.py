@@ -1,19 +1,26 @@
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 
 from softwatch.store import Store
 
 from .conftest import API_KEY
+from .openai_schema import SchemaChecks
 
 MODEL = "tiny-random-0"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+SCHEMA_CHECKS = SchemaChecks()  # every answer a `client` gets is checked against OpenAI's schema
+
 
 @pytest.fixture
 def client(service):
-    return OpenAI(base_url=f"{service['url']}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{service['url']}/v1", api_key=API_KEY, max_retries=0, timeout=120,
+                  http_client=httpx.Client(transport=SCHEMA_CHECKS.transport(), timeout=120))
 
 
 def flush_and_read(service, sql):
@@ -42,7 +49,9 @@ def test_models_completions_chat_and_stats(client):
                                           extra_body={"softwatch": {"stats": True}})
     assert [c.index for c in chat.choices] == [0, 1]
     first = chat.choices[0]
-    assert sum(len(c.logprobs.content) for c in chat.choices) == chat.usage.completion_tokens
+    # a choice that stopped generated an end token that is in neither its content nor its logprobs
+    assert sum(len(c.logprobs.content) + (c.finish_reason == "stop") for c in chat.choices) == \
+        chat.usage.completion_tokens
     assert all(len(t.top_logprobs) == 3 for t in first.logprobs.content)
     stats = first.model_extra["softwatch"]
     assert len(stats["tokens"]) == len(first.logprobs.content)
@@ -111,6 +120,147 @@ def test_bad_chat_requests_and_auth(service, client):
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert httpx.get(f"{service['url']}/healthz").json() == {"status": "ok"}
     assert client.completions.create(model=MODEL, prompt="still serving", max_tokens=2).choices
+
+
+def test_the_api_key_stays_out_of_the_serve_config_and_guards_every_route(service):
+    import json
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    seen = json.dumps(_get_global_client().get_serve_details()) + repr(serve.status())
+    assert "api_key_file" in seen and API_KEY not in seen  # the config names the file, never the key
+    for path in ("/docs", "/openapi.json", "/redoc", "/v1/models", "/no/such/route"):
+        r = httpx.get(f"{service['url']}{path}")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (path, r.text)
+    assert httpx.get(f"{service['url']}/openapi.json", headers=HEADERS).json()["paths"]
+    assert httpx.get(f"{service['url']}/healthz").status_code == 200
+
+
+def test_a_deployment_requiring_a_key_refuses_to_start_without_one(service, tmp_path):
+    from ray import serve
+
+    from softwatch.serve.ingress import Ingress
+
+    for options in ({"api_key_file": str(tmp_path / "missing")},  # a secret that was never mounted
+                    {"ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {"SOFTWATCH_API_KEY": ""}}}}):
+        ingress = Ingress.options(name="KeylessIngress", max_constructor_retry_count=1,
+                                  ray_actor_options=options.pop("ray_actor_options", {"num_cpus": 0}))
+        with pytest.raises(RuntimeError, match="failed"):
+            serve.run(ingress.bind(None, require_api_key=True, **options), name="keyless", route_prefix="/keyless")
+        why = serve.status().applications["keyless"].deployments["KeylessIngress"].message
+        assert "MissingApiKey" in why and ("require_api_key" in why or "API key file" in why), why
+        serve.delete("keyless")
+    assert httpx.get(f"{service['url']}/healthz").status_code == 200
+
+
+def test_every_answer_and_chunk_follows_openais_schema(service, client):
+    bodies, chunks = SCHEMA_CHECKS.bodies, SCHEMA_CHECKS.chunks
+    rev = client.models.list().data[0].model_extra["softwatch"]["model_rev"]
+    messages = [{"role": "user", "content": "schema"}]
+    one = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=4, logprobs=True,
+                                         top_logprobs=2)
+    three = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=4, n=3, logprobs=True,
+                                           extra_body={"softwatch": {"stats": True}})
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once, not once per choice
+    for r in (one, three):
+        assert r.system_fingerprint == rev
+        for c in r.choices:
+            assert c.message.refusal is None and "refusal" in c.message.model_fields_set
+            assert c.logprobs.refusal is None and "refusal" in c.logprobs.model_fields_set
+            assert c.finish_reason in ("stop", "length")
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, seed=4, n=3,
+                                                   logprobs=True, stream=True, stream_options={"include_usage": True}))
+    for i, whole in enumerate(three.choices):
+        mine = [c.choices[0] for c in streamed if c.choices and c.choices[0].index == i]
+        assert "".join(c.delta.content or "" for c in mine) == whole.message.content
+        assert [t.token for c in mine if c.logprobs for t in c.logprobs.content] == \
+            [t.token for t in whole.logprobs.content]
+        # one entry per content token: the end token of a choice that stopped is not among them
+        generated = len(whole.model_extra["softwatch"]["tokens"])
+        assert len(whole.logprobs.content) == generated - (whole.finish_reason == "stop")
+    assert streamed[-1].usage.model_dump() == three.usage.model_dump()
+    finals = [c.choices[0] for c in streamed if c.choices and c.choices[0].finish_reason]
+    assert len({c.model_extra["softwatch"]["request_id"] for c in finals}) == 3  # each choice names its record
+    assert {c.system_fingerprint for c in streamed} == {rev}
+
+    prompts = ["first prompt", "the second prompt"]
+    whole = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, seed=8, n=2, logprobs=1)
+    single = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, seed=8, logprobs=1) for p in prompts]
+    assert whole.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in single)
+    stream = list(client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=6, seed=8, logprobs=1,
+                                            stream=True))
+    offsets = [o for c in stream if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == single[0].choices[0].logprobs.text_offset  # offsets run on across chunks
+    assert len(offsets) == single[0].usage.completion_tokens > 1
+    assert SCHEMA_CHECKS.bodies >= bodies + 5 and SCHEMA_CHECKS.chunks >= chunks + len(streamed) + len(stream)
+
+
+REFUSED = [  # (body fields, the field the 4xx must name)
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"top_k": 2**31}, "top_k"),
+    ({"top_k": 2**62}, "top_k"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"max_tokens": 2**31}, "max_tokens"),
+    ({"n": 17}, "n"),
+    ({"n": 16, "prompt": ["a", "b", "c", "d", "e"]}, "n"),
+    ({"stop": [f"s{i}" for i in range(10_000)]}, "stop"),
+    ({"stop": ["x" * 10_000]}, "stop"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"logit_bias": {"50": 100}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"best_of": 3}, "best_of"),
+    ({"suffix": "tail"}, "suffix"),
+    ({"echo": True}, "echo"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"made_up_option": 1}, "made_up_option"),
+]
+
+
+def test_out_of_range_and_unsupported_fields_are_refused_and_hurt_no_one(service, client):
+    url = f"{service['url']}/v1/completions"
+    answered, stop = [], threading.Event()
+
+    def load(worker):  # requests in flight on the replica while the bad ones arrive
+        i = 0
+        while not stop.is_set():
+            r = client.completions.create(model=MODEL, prompt=f"bystander {worker} {i}", max_tokens=6, seed=i)
+            answered.extend(r.model_extra["softwatch"]["request_ids"])
+            i += 1
+
+    with ThreadPoolExecutor(3) as pool:
+        bystanders = [pool.submit(load, w) for w in range(3)]
+        for fields, param in REFUSED:
+            r = httpx.post(url, json={"model": MODEL, "prompt": "x", "max_tokens": 4, **fields}, headers=HEADERS,
+                           timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (fields, r.text)
+            assert param in r.json()["error"]["message"]
+        for field in ("tools", "logit_bias", "response_format"):
+            value = next(fields[field] for fields, param in REFUSED if param == field)
+            r = httpx.post(f"{service['url']}/v1/chat/completions", headers=HEADERS, timeout=60,
+                           json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], field: value})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        r = httpx.post(url, content=b'{"prompt": "' + b"y" * (2 << 20) + b'"}', headers={
+            **HEADERS, "Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 413 and r.json()["error"]["message"]
+        # the edges of every range are served, and their records flush (int32 / int64 columns)
+        for fields in ({"seed": 2**63 - 1, "n": 2}, {"seed": -(2**63)}, {"top_k": 2**31 - 1}, {"n": 16},
+                       {"stop": ["z" * 256] * 4}, {"tools": [], "logit_bias": {}, "echo": False, "best_of": 1,
+                                                   "response_format": {"type": "text"}, "presence_penalty": 0}):
+            r = client.completions.create(model=MODEL, prompt="edge", max_tokens=4, extra_body=fields)
+            answered.extend(r.model_extra["softwatch"]["request_ids"])
+        stop.set()
+        for b in bystanders:
+            b.result()  # no bystander failed
+    assert len(answered) > 25
+    rows = flush_and_read(service, "SELECT request_id, count(*) AS n, "
+                          f"(SELECT count(*) FROM sequences WHERE request_id IN {tuple(answered)}) >= {len(answered)} "
+                          f"AS ready FROM sequences WHERE request_id IN {tuple(answered)} GROUP BY request_id")
+    assert {r["request_id"]: r["n"] for r in rows} == {rid: 1 for rid in answered}
 
 
 def test_concurrent_clients_each_get_one_sequence_row_and_config_push_changes_params_id(service, client):
@@ -198,8 +348,22 @@ def test_deploy_files_are_valid_serve_configs():
     service = yaml.safe_load((root / "rayservice.yaml").read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
-    gpu = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    cluster = service["spec"]["rayClusterConfig"]
+    gpu = cluster["workerGroupSpecs"][0]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # who gets in: a key from a Secret on every pod, none in the Serve config; Ray's dashboard needs its token
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["applications"][0]["args"]["require_api_key"] is True
+    assert "api_key" not in serve_config["applications"][0]["args"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["SOFTWATCH_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "softwatch-api-key"
+        assert pod["rayStartParams"].get("dashboard-host") != "0.0.0.0"
+    assert cluster["authOptions"]["mode"] == "token"
+    assert args["require_api_key"] is True
+    with pytest.raises(ValueError, match="api_key must not be an application arg"):
+        build_app({"api_key": "secret"})
     with pytest.raises(ValueError, match="unknown"):
         build_app({"modle": "typo"})
     import shutil
@@ -263,6 +427,11 @@ def test_killing_a_replica_under_load_loses_no_completed_record(service, client)
     for t in threads:
         t.join()
     assert len(answered) > served_before  # later requests succeed
+    # a message and an id, never the exception text
+    for exc in (e for e in failed if isinstance(e, openai.APIStatusError)):
+        error = exc.response.json()["error"]
+        assert exc.status_code >= 500 and error["id"] in error["message"], error
+        assert "Error" not in error["message"] and "actor" not in error["message"].lower(), error
     after = client.completions.create(model=MODEL, prompt="after the kill", max_tokens=3)
     assert after.choices
 

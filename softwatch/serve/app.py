@@ -3,7 +3,6 @@ config) and the local runner behind `softwatch serve`."""
 
 from __future__ import annotations
 
-import os
 import time
 
 from ray import serve
@@ -23,12 +22,16 @@ SETTINGS = ("model", "device", "dtype", "data", "metrics", "max_batch", "store_t
 def build_app(args: dict) -> Application:
     """args: the SETTINGS above, plus `replicas`, `num_cpus`, `num_gpus`, `defaults` (the
     user_config: decoding defaults), `drift` (the DriftMonitor's user_config: interval_s and
-    thresholds), `api_key` (default $SOFTWATCH_API_KEY) and `deployments`
-    ({"LLMServer": {...Serve deployment options}, "Ingress": {...}, "DriftMonitor": {...}}).
+    thresholds), `require_api_key` (refuse to start without a key), `api_key_file` (a path on the
+    ingress's node; else the key is $SOFTWATCH_API_KEY there: see serve/auth.py) and
+    `deployments` ({"LLMServer": {...Serve deployment options}, "Ingress": {...}, "DriftMonitor": {...}}).
     With a `data` root the app runs a DriftMonitor over it."""
     args = dict(args or {})
-    unknown = set(args) - set(SETTINGS) - {"replicas", "num_cpus", "num_gpus", "defaults", "drift", "api_key",
-                                           "deployments"}
+    if "api_key" in args:
+        raise ValueError("api_key must not be an application arg (anyone who reads the Serve config would see it): "
+                         "set $SOFTWATCH_API_KEY where the replicas run, or api_key_file to a secret file")
+    unknown = set(args) - set(SETTINGS) - {"replicas", "num_cpus", "num_gpus", "defaults", "drift", "deployments",
+                                           "api_key_file", "require_api_key"}
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}")
     defaults = dict(args.get("defaults") or {})
@@ -55,8 +58,8 @@ def build_app(args: dict) -> Application:
                            "user_config": dict(args.get("drift") or {}), **overrides.get("DriftMonitor", {})}
         monitor = serve.deployment(DriftMonitor).options(**monitor_options).bind(
             {"data": settings["data"], "metrics": settings.get("metrics", "none")})
-    api_key = args.get("api_key", os.environ.get("SOFTWATCH_API_KEY"))
-    return Ingress.options(**overrides.get("Ingress", {})).bind(llm, api_key, monitor)
+    return Ingress.options(**overrides.get("Ingress", {})).bind(
+        llm, monitor, api_key_file=args.get("api_key_file"), require_api_key=bool(args.get("require_api_key", False)))
 
 
 def args_from_config(path: str) -> tuple[dict, dict]:

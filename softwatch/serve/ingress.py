@@ -6,13 +6,13 @@ Every choice of a request is one call to the LLM deployment, so the choices of o
 
 
 import asyncio
-import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,19 +20,106 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .protocol import ChatRequest, CompletionRequest, error_body, new_id, now
+from .auth import authorized, load_api_key
+from .protocol import MAX_BODY_BYTES, MAX_CHOICES, SEED_RANGE, ChatRequest, CompletionRequest, error_body, new_id, now
+
+log = logging.getLogger("softwatch.serve")
+
+# Routes anyone may call: a load balancer's health check. Everything else, /docs and
+# /openapi.json included, needs the key when the deployment has one.
+OPEN_PATHS = ("/healthz",)
 
 app = FastAPI(title="softwatch", description="OpenAI-compatible LLM serving with softmax observability.")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 error_id: str | None = None):
+        self.status, self.message, self.param, self.kind, self.error_id = status, message, param, kind, error_id
+
+    def body(self) -> dict:
+        body = error_body(self.message, self.param, self.kind)
+        if self.error_id:
+            body["error"]["id"] = self.error_id
+        return body
+
+
+def internal_error(detail: str) -> ApiError:
+    """A 5xx for the client: a message and an id; the detail goes to the logs under that id."""
+    error_id = new_id("err")
+    log.error("softwatch: request failed (%s): %s", error_id, detail)
+    return ApiError(500, f"the server failed to answer this request (error id {error_id}; the details are in "
+                    "the service logs)", kind="server_error", error_id=error_id)
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class _LimitBody:
+    """Refuses request bodies over MAX_BODY_BYTES, declared or streamed, before they are parsed."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            return await _too_large()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise BodyTooLarge()
+            return message
+
+        await self.inner(scope, limited_receive, send)
+
+
+class _RequireKey:
+    """Every route but OPEN_PATHS needs `Authorization: Bearer <key>` when the app has a key."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not authorized(scope["app"].state.api_key, given):  # the app Serve runs
+                response = JSONResponse(error_body("a valid API key is required: Authorization: Bearer <key>",
+                                                   kind="authentication_error"), status_code=401)
+                return await response(scope, receive, send)
+        await self.inner(scope, receive, send)
+
+
+app.state.api_key = None
+app.add_middleware(_LimitBody)
+app.add_middleware(_RequireKey)  # added last, runs first: no body is read for a client without the key
+
+
+def _too_large() -> JSONResponse:
+    return JSONResponse(error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"), status_code=413)
+
+
+@app.exception_handler(BodyTooLarge)
+async def _body_too_large(request: Request, exc: BodyTooLarge):
+    return _too_large()
 
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
-    return JSONResponse(error_body(exc.message, exc.param, exc.kind), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception):
+    log.exception("softwatch: unexpected error")
+    return await _api_error(request, internal_error(f"{type(exc).__name__}: {exc}"))
 
 
 @app.exception_handler(RequestValidationError)
@@ -40,10 +127,13 @@ async def _invalid(request: Request, exc: RequestValidationError):
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
     param = ".".join(loc) or None
+    reason = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        reason = "is not supported by softwatch (leave it out)"
     if first.get("type") == "json_invalid" or "JSON" in str(first.get("msg", "")):
         message, param = f"the body is not valid JSON: {first.get('msg', '')}", None
     else:
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid request"))
+        message = f"{param}: {reason}" if param else reason
     return JSONResponse(error_body(message, param), status_code=400)
 
 
@@ -54,15 +144,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 400 and "parsing the body" in message:
         message = "the body is not valid JSON (is it UTF-8?)"
     return JSONResponse(error_body(message, kind=kinds.get(exc.status_code, "error")), status_code=exc.status_code)
-
-
-async def _authorized(request: Request) -> None:
-    key = request.app.state.api_key
-    if not key:
-        return
-    given = request.headers.get("authorization", "")
-    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), key.encode())):
-        raise ApiError(401, "a valid API key is required: Authorization: Bearer <key>", kind="authentication_error")
 
 
 def _params(body, max_tokens: int | None, top_logprobs: int, logprobs: bool = False) -> dict:
@@ -77,19 +158,36 @@ def _params(body, max_tokens: int | None, top_logprobs: int, logprobs: bool = Fa
     return params
 
 
-def _raise(event: dict):
-    raise ApiError(event["status"], event["message"], event.get("param"),
-                   "invalid_request_error" if event["status"] < 500 else "server_error")
+def _choice_seed(seed: int, choice: int) -> int:
+    """Choice i of a seeded request draws with seed + i, wrapped into the int64 range."""
+    low, high = SEED_RANGE
+    return (seed + choice - low) % (high - low + 1) + low
 
 
-def _usage(results) -> dict:
-    prompt = sum(r["prompt_tokens"] for r in results)
+def _failure(event: dict) -> ApiError:
+    """The ApiError of a failed choice: a 4xx says what was wrong with the request; a 5xx or a
+    choice whose decode failed is an internal error (message and id; the details are logged)."""
+    if event["type"] == "done":  # finish_reason "error": the choice has a record, the client no answer
+        return internal_error(f"the decode of {event.get('request_id')} failed")
+    if event["status"] >= 500:
+        return internal_error(f"the LLM deployment answered {event['status']}: {event['message']}")
+    return ApiError(event["status"], event["message"], event.get("param"))
+
+
+def _failed(event: dict) -> bool:
+    return event["type"] == "error" or (event["type"] == "done" and event["finish_reason"] == "error")
+
+
+def _usage(results, n: int) -> dict:
+    """The prompt of each of a request's prompts counts once, however many choices it has."""
+    prompt = sum(r["prompt_tokens"] for r in results if r["index"] % n == 0)
     completion = sum(len(r["token_ids"]) for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(entries: list[dict]) -> dict:
-    tokens, offsets, offset = [], [], 0
+def _completion_logprobs(entries: list[dict], offset: int = 0) -> dict:
+    """`offset`: where the first entry's text starts in the choice's text."""
+    tokens, offsets = [], []
     for e in entries:
         piece = e.get("text", "")
         tokens.append(piece)
@@ -102,47 +200,68 @@ def _completion_logprobs(entries: list[dict]) -> dict:
 def _chat_logprobs(entries: list[dict]) -> dict:
     return {"content": [{"token": e["text"], "logprob": e["logprob"], "bytes": list(e["text"].encode()),
                          "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for _, t, v in e["top"]]}
-                        for e in entries]}
+                        for e in entries],
+            "refusal": None}
 
 
-def _response(results: list[dict], rid: str, model: str, chat: bool) -> dict:
+def _content_entries(entries: list[dict], finish_reason: str) -> list[dict]:
+    """A chat choice's logprobs cover the tokens of its content: a choice that stopped ends with
+    the token that stopped it (an end token, or one completing a stop string), not in the content."""
+    return entries[:-1] if finish_reason == "stop" else entries
+
+
+def _response(results: list[dict], rid: str, model: str, chat: bool, n: int) -> dict:
     choices = []
     for r in sorted(results, key=lambda r: r["index"]):
         logprobs = None
         if r["logprobs"] is not None:
-            logprobs = _chat_logprobs(r["logprobs"]) if chat else _completion_logprobs(r["logprobs"])
+            logprobs = (_chat_logprobs(_content_entries(r["logprobs"], r["finish_reason"])) if chat
+                        else _completion_logprobs(r["logprobs"]))
         choice = {"index": r["index"], "finish_reason": r["finish_reason"], "logprobs": logprobs}
         if chat:
-            choice["message"] = {"role": "assistant", "content": r["text"]}
+            choice["message"] = {"role": "assistant", "content": r["text"], "refusal": None}
         else:
             choice["text"] = r["text"]
         if "stats" in r:
             choice["softwatch"] = {**r["stats"], "regime": r["regime"]}
         choices.append(choice)
+    regime = results[0]["regime"]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(), "model": model,
-            "choices": choices, "usage": _usage(results),
-            "softwatch": {"regime": results[0]["regime"], "request_ids": [r["request_id"] for r in results]}}
+            "system_fingerprint": regime["model_rev"], "choices": choices, "usage": _usage(results, n),
+            "softwatch": {"regime": regime, "request_ids": [r["request_id"] for r in results]}}
 
 
-async def _chunks(head, events, rid: str, model: str, chat: bool, include_usage: bool) -> AsyncIterator[dict]:
+async def _chunks(head, events, rid: str, model: str, fingerprint: str, chat: bool, n: int,
+                  include_usage: bool) -> AsyncIterator[dict]:
     created, done = now(), []
     started: set[int] = set()
+    offsets: dict[int, int] = {}  # completions: where the next token's text starts in the choice's text
+    held: dict[int, dict] = {}  # chat: each choice's latest logprobs entry, sent once a later token shows it is content
 
-    def chunk(index: int, text: str, logprobs, finish: str | None, extra: dict | None = None) -> dict:
+    def chunk(index: int, text: str, entries: list[dict], finish: str | None, extra: dict | None = None) -> dict:
         if chat:
             delta = {"content": text} if text or finish is None else {}
             if index not in started:
                 delta["role"] = "assistant"
                 started.add(index)
             choice = {"index": index, "delta": delta, "finish_reason": finish,
-                      "logprobs": _chat_logprobs([logprobs]) if logprobs else None}
+                      "logprobs": _chat_logprobs(entries) if entries else None}
         else:
-            choice = {"index": index, "text": text, "finish_reason": finish,
-                      "logprobs": _completion_logprobs([logprobs]) if logprobs else None}
+            logprobs = None
+            if entries:
+                logprobs = _completion_logprobs(entries, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + sum(len(e.get("text", "")) for e in entries)
+            choice = {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
         if extra:
             choice["softwatch"] = extra
         return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                "model": model, "choices": [choice]}
+                "model": model, "system_fingerprint": fingerprint, "choices": [choice]}
+
+    def token_entries(index: int, entry: dict | None) -> list[dict]:
+        if not chat or entry is None:
+            return [entry] if entry else []
+        previous, held[index] = held.pop(index, None), entry
+        return [previous] if previous else []
 
     async def all_events():
         yield head
@@ -150,18 +269,23 @@ async def _chunks(head, events, rid: str, model: str, chat: bool, include_usage:
             yield item
 
     async for index, event in all_events():
-        if event["type"] == "token":
-            if event["text"] or event["logprobs"]:
-                yield chunk(index, event["text"], event["logprobs"], None)
-        elif event["type"] == "done":
-            done.append(event)
-            extra = {**event["stats"], "regime": event["regime"]} if "stats" in event else None
-            yield chunk(index, event["rest"], None, event["finish_reason"], extra)
+        if _failed(event):
+            yield _failure(event).body()
+        elif event["type"] == "token":
+            entries = token_entries(index, event["logprobs"])
+            if event["text"] or entries:
+                yield chunk(index, event["text"], entries, None)
         else:
-            yield {"error": error_body(event["message"], event.get("param"))["error"]}
+            done.append({**event, "index": index})
+            last = held.pop(index, None)
+            entries = _content_entries([last], event["finish_reason"]) if last else []
+            extra = {"request_id": event["request_id"]}  # the choice's record in the dataset
+            if "stats" in event:
+                extra.update(event["stats"], regime=event["regime"])
+            yield chunk(index, event["rest"], entries, event["finish_reason"], extra)
     if include_usage:
         yield {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-               "model": model, "choices": [], "usage": _usage(done)}
+               "model": model, "system_fingerprint": fingerprint, "choices": [], "usage": _usage(done, n)}
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
@@ -174,10 +298,11 @@ async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, llm: DeploymentHandle, api_key: str | None = None, monitor: DeploymentHandle | None = None):
+    def __init__(self, llm: DeploymentHandle, monitor: DeploymentHandle | None = None, api_key_file: str | None = None,
+                 require_api_key: bool = False):
         self.llm = llm
         self.monitor = monitor
-        app.state.api_key = api_key
+        app.state.api_key = load_api_key(api_key_file, require_api_key)
         self._info: dict | None = None
 
     async def _model(self) -> dict:
@@ -196,7 +321,7 @@ class Ingress:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/v1/drift/reports", dependencies=[Depends(_authorized)])
+    @app.get("/v1/drift/reports")
     async def drift_reports(self, report_id: str | None = None, kind: Literal["regime", "window", "online", "probe"] | None = None,
                             metric: str | None = None, verdict: Literal["drift", "no_drift", "insufficient_data"] | None = None,
                             current_regime: str | None = None, baseline_regime: str | None = None,
@@ -212,23 +337,27 @@ class Ingress:
         rows = await self.monitor.reports.remote({k: v for k, v in given.items() if v is not None}, latest, limit)
         return {"object": "list", "data": jsonable_encoder(rows)}
 
-    @app.get("/v1/models", dependencies=[Depends(_authorized)])
+    @app.get("/v1/models")
     async def models(self) -> dict:
         info = await self._model()
         return {"object": "list", "data": [{"id": info["model_id"], "object": "model", "created": 0,
                                             "owned_by": "softwatch", "softwatch": {"model_rev": info["model_rev"]}}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(_authorized)])
+    @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         model = await self._check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+        prompts = body.prompts()
         if any(p == "" for p in prompts):
             raise ApiError(400, "prompt: must not be empty", "prompt")
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise ApiError(400, f"{'prompt' if len(prompts) > MAX_CHOICES else 'n'}: {len(prompts)} prompts x n={body.n} "
+                           f"is {len(prompts) * body.n} choices; at most {MAX_CHOICES} per request",
+                           "prompt" if len(prompts) > MAX_CHOICES else "n")
         params = _params(body, body.max_tokens, body.logprobs or 0)
         specs = [{"prompt": p, "params": params} for p in prompts]
         return await self._respond(body, specs, model, chat=False)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(_authorized)])
+    @app.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest):
         model = await self._check_model(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
@@ -246,41 +375,52 @@ class Ingress:
             for i in range(body.n):
                 params = dict(spec["params"])
                 if body.seed is not None:
-                    params["seed"] = body.seed + i
+                    params["seed"] = _choice_seed(body.seed, i)
                 calls.append({**spec, "params": params, "request_id": new_id("seq"), "stream": body.stream,
                               "stats": stats, "index": p * body.n + i, "fault": fault})
         rid = new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
+            fingerprint = (await self._model())["model_rev"]
             first = self._events(calls)
             head = await first.__anext__()  # an invalid request fails before the stream starts
-            if head[1]["type"] == "error":
+            if _failed(head[1]):
                 await first.aclose()
-                _raise(head[1])
-            return StreamingResponse(_sse(_chunks(head, first, rid, model, chat, usage)), media_type="text/event-stream")
+                raise _failure(head[1])
+            return StreamingResponse(_sse(_chunks(head, first, rid, model, fingerprint, chat, body.n, usage)),
+                                     media_type="text/event-stream")
         results = await asyncio.gather(*(self._collect(call) for call in calls))
         for r in results:
-            if r["type"] == "error":
-                _raise(r)
-        return _response(results, rid, model, chat)
+            if _failed(r):
+                raise _failure(r)
+        return _response(results, rid, model, chat, body.n)
 
     async def _collect(self, call: dict) -> dict:
-        async for event in self.llm.options(stream=True).generate.remote(call):
+        async for event in self._generate(call):
             if event["type"] in ("done", "error"):
                 return {**event, "index": call["index"]}
-        return {"type": "error", "status": 500, "param": None, "message": "the replica ended the sequence early"}
+        return _lost(call)
+
+    async def _generate(self, call: dict) -> AsyncIterator[dict]:
+        """The LLM deployment's events of one choice; a call that raises (a replica that died,
+        a decode that failed) ends with a 500 error event, its exception kept for the logs."""
+        try:
+            async for event in self.llm.options(stream=True).generate.remote(call):
+                yield event
+        except Exception as exc:  # noqa: BLE001
+            log.warning("softwatch: %s failed in the LLM deployment", call["request_id"], exc_info=True)
+            yield {"type": "error", "status": 500, "param": None, "message": f"{type(exc).__name__}: {exc}"}
 
     async def _events(self, calls: list[dict]) -> AsyncIterator[tuple[int, dict]]:
         """Events of every choice, merged as they come."""
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(call):
-            try:
-                async for event in self.llm.options(stream=True).generate.remote(call):
-                    await merged.put((call["index"], event))
-            except Exception as exc:  # noqa: BLE001
-                await merged.put((call["index"], {"type": "error", "status": 500, "param": None,
-                                                  "message": f"{type(exc).__name__}: {exc}"}))
+            async for event in self._generate(call):
+                await merged.put((call["index"], event))
+                if event["type"] in ("done", "error"):
+                    return
+            await merged.put((call["index"], _lost(call)))
 
         tasks = [asyncio.create_task(pump(call)) for call in calls]
         left = len(calls)
@@ -293,3 +433,8 @@ class Ingress:
         finally:
             for t in tasks:
                 t.cancel()
+
+
+def _lost(call: dict) -> dict:
+    return {"type": "error", "status": 500, "param": None, "index": call["index"],
+            "message": f"the replica ended {call['request_id']} without an answer"}
