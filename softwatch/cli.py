@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible API on Ray Serve")
     srv.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     srv.add_argument("--replicas", type=int, default=None)
+    srv.add_argument("--engine", choices=["auto", "vllm", "softwatch"], default=None,
+                     help="vllm: vLLM with the softwatch observer; softwatch: softwatch's own engine; "
+                          "auto (default): vllm where it is installed")
     srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=None, help="default 8000")
     _add_data_arg(srv)
@@ -624,7 +627,7 @@ def _serve(args) -> int:
 
     app_args, http = args_from_config(args.config) if args.config else ({}, {})
     for key, value in (("model", args.model), ("replicas", args.replicas), ("data", args.data),
-                       ("metrics", args.metrics)):
+                       ("metrics", args.metrics), ("engine", args.engine)):
         if value is not None:
             app_args[key] = value
     key_dir = _deliver_api_key(args, app_args)
@@ -640,7 +643,11 @@ def _serve(args) -> int:
     import ray
     from ray import serve
 
-    print(f"softwatch serve: starting Ray and deploying {app_args.get('model', 'SmolLM2-135M-Instruct')} "
+    from .vllm import resolve_engine
+
+    engine = resolve_engine(app_args.get("engine", "auto"))
+    print(f"softwatch serve: starting Ray and deploying {app_args.get('model', 'SmolLM2-135M-Instruct')} on "
+          f"{'vLLM with the softwatch observer' if engine == 'vllm' else 'softwatch engine'} "
           "(first start takes a minute)", file=sys.stderr, flush=True)
     if args.ray_address:
         ray.init(address=args.ray_address, include_dashboard=False)

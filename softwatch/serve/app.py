@@ -8,6 +8,7 @@ import time
 from ray import serve
 from ray.serve import Application
 
+from ..vllm import ENGINES
 from .ingress import Ingress
 from .llm import DEFAULT_KEYS, LLMServer
 from .monitor import DriftMonitor
@@ -15,12 +16,16 @@ from .monitor import DriftMonitor
 APP_NAME = "softwatch"
 
 # Settings of the LLM replicas (the rest of `args` configures the deployments).
-SETTINGS = ("model", "device", "dtype", "data", "metrics", "max_batch", "store_text", "token_sample_rate",
-            "torch_threads", "deployment", "allow_fault_injection")
+SETTINGS = ("engine", "observe", "model", "device", "dtype", "data", "metrics", "max_batch", "store_text",
+            "token_sample_rate", "torch_threads", "deployment", "allow_fault_injection", "max_prompt_tokens",
+            "max_batch_tokens", "request_timeout_s", "max_failed_steps")
+MAX_QUEUED_REQUESTS = 512  # per LLM replica; beyond it a request is answered 503 with Retry-After
+RETRY_AFTER_S = 2.0
 
 
 def build_app(args: dict) -> Application:
-    """args: the SETTINGS above, plus `replicas`, `num_cpus`, `num_gpus`, `defaults` (the
+    """args: the SETTINGS above (`engine`: "auto" — vLLM with the softwatch observer where vLLM is
+    installed, else softwatch's own engine — "vllm" or "softwatch"), plus `replicas`, `num_cpus`, `num_gpus`, `defaults` (the
     user_config: decoding defaults), `drift` (the DriftMonitor's user_config: interval_s and
     thresholds), `require_api_key` (refuse to start without a key), `api_key_file` (a path on the
     ingress's node; else the key is $SOFTWATCH_API_KEY there: see serve/auth.py) and
@@ -31,7 +36,7 @@ def build_app(args: dict) -> Application:
         raise ValueError("api_key must not be an application arg (anyone who reads the Serve config would see it): "
                          "set $SOFTWATCH_API_KEY where the replicas run, or api_key_file to a secret file")
     unknown = set(args) - set(SETTINGS) - {"replicas", "num_cpus", "num_gpus", "defaults", "drift", "deployments",
-                                           "api_key_file", "require_api_key"}
+                                           "api_key_file", "require_api_key", "max_queued_requests"}
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}")
     defaults = dict(args.get("defaults") or {})
@@ -39,11 +44,15 @@ def build_app(args: dict) -> Application:
     if bad:
         raise ValueError(f"unknown decoding defaults {sorted(bad)}; allowed: {', '.join(DEFAULT_KEYS)}")
     settings = {k: args[k] for k in SETTINGS if k in args}
+    if settings.get("engine", "auto") not in ENGINES:
+        raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, got {settings['engine']!r}")
     overrides = args.get("deployments") or {}
     llm_options = {
         "name": "LLMServer",
         "num_replicas": int(args.get("replicas", 1)),
         "max_ongoing_requests": 256,
+        "max_queued_requests": int(args.get("max_queued_requests", MAX_QUEUED_REQUESTS)),
+        "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
         "ray_actor_options": {"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))},
         "user_config": defaults,
         "graceful_shutdown_timeout_s": 30,

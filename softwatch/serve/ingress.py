@@ -8,6 +8,7 @@ Every choice of a request is one call to the LLM deployment, so the choices of o
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Literal
@@ -17,6 +18,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,14 +30,16 @@ log = logging.getLogger("softwatch.serve")
 # Routes anyone may call: a load balancer's health check. Everything else, /docs and
 # /openapi.json included, needs the key when the deployment has one.
 OPEN_PATHS = ("/healthz",)
+RETRY_AFTER_S = 1.0  # when the LLM deployment's backpressure names no wait
 
 app = FastAPI(title="softwatch", description="OpenAI-compatible LLM serving with softmax observability.")
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 error_id: str | None = None):
+                 error_id: str | None = None, retry_after_s: float | None = None):
         self.status, self.message, self.param, self.kind, self.error_id = status, message, param, kind, error_id
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
         body = error_body(self.message, self.param, self.kind)
@@ -113,7 +117,8 @@ async def _body_too_large(request: Request, exc: BodyTooLarge):
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"Retry-After": str(math.ceil(exc.retry_after_s))} if exc.retry_after_s else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(Exception)
@@ -169,6 +174,8 @@ def _failure(event: dict) -> ApiError:
     choice whose decode failed is an internal error (message and id; the details are logged)."""
     if event["type"] == "done":  # finish_reason "error": the choice has a record, the client no answer
         return internal_error(f"the decode of {event.get('request_id')} failed")
+    if event["status"] in (503, 504):  # at capacity, shutting down, a record not durable, a timeout: retry
+        return ApiError(event["status"], event["message"], kind="server_error", retry_after_s=event.get("retry_after_s"))
     if event["status"] >= 500:
         return internal_error(f"the LLM deployment answered {event['status']}: {event['message']}")
     return ApiError(event["status"], event["message"], event.get("param"))
@@ -407,6 +414,9 @@ class Ingress:
         try:
             async for event in self.llm.options(stream=True).generate.remote(call):
                 yield event
+        except BackPressureError as exc:  # the LLM deployment's queue is full: shed the load
+            yield {"type": "error", "status": 503, "param": None, "retry_after_s": exc.retry_after_s or RETRY_AFTER_S,
+                   "message": "the service is at capacity; retry later"}
         except Exception as exc:  # noqa: BLE001
             log.warning("softwatch: %s failed in the LLM deployment", call["request_id"], exc_info=True)
             yield {"type": "error", "status": 500, "param": None, "message": f"{type(exc).__name__}: {exc}"}
