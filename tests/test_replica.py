@@ -116,21 +116,28 @@ def test_a_request_whose_record_cannot_be_written_is_not_answered_as_a_success(t
     server.check_health()  # the decode loop serves on
 
 
-@pytest.fixture(scope="module")
-def smol_service(ray_cluster, tmp_path_factory):
-    """The service over the real default model: its 49,152-token vocabulary is what made the old
-    sampler's noise reach 1.0 in one step of ~340."""
+@pytest.fixture(scope="module", params=["softwatch", "vllm"])
+def smol_service(request, ray_cluster, tmp_path_factory):
+    """The service over the real default model, on each engine: its 49,152-token vocabulary is
+    what made the old sampler's noise reach 1.0 in one step of ~340."""
+    yield from smol_service_on(request.param, ray_cluster, tmp_path_factory)
+
+
+def smol_service_on(engine: str, ray_cluster, tmp_path_factory, **args):
     from ray import serve
 
     from softwatch.serve.app import run
 
     from .prometheus import free_port
 
-    data = str(tmp_path_factory.mktemp("smol-data"))
+    data = str(tmp_path_factory.mktemp(f"smol-{engine}-data"))
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(API_KEY + "\n")
     port = free_port()
-    run({"model": "SmolLM2-135M-Instruct", "data": data, "num_cpus": 1, "api_key": API_KEY, "max_batch": 32,
-         "torch_threads": 2}, port=port)
-    yield {"url": f"http://127.0.0.1:{port}", "data": data}
+    args = {"engine": engine, "model": "SmolLM2-135M-Instruct", "data": data, "num_cpus": 1,
+            "api_key_file": str(key_file), "require_api_key": True, "max_batch": 32, "torch_threads": 2, **args}
+    run(args, port=port)
+    yield {"url": f"http://127.0.0.1:{port}", "data": data, "args": args, "port": port, "engine": engine}
     serve.shutdown()
 
 

@@ -344,6 +344,7 @@ def test_deploy_files_are_valid_serve_configs():
     args, http = args_from_config(str(root / "serve.yaml"))
     assert http == {"host": "127.0.0.1", "port": 8000}
     assert args["deployments"]["LLMServer"]["user_config"]["temperature"] == 0.7
+    assert args["engine"] == "auto"
     build_app(args)  # every arg and deployment option is accepted
     service = yaml.safe_load((root / "rayservice.yaml").read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
@@ -351,6 +352,12 @@ def test_deploy_files_are_valid_serve_configs():
     cluster = service["spec"]["rayClusterConfig"]
     gpu = cluster["workerGroupSpecs"][0]
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    vllm_app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert vllm_app["args"]["engine"] == "vllm"
+    llm_deployment = next(d for d in vllm_app["deployments"] if d["name"] == "LLMServer")
+    assert llm_deployment["ray_actor_options"]["num_gpus"] == 1
+    with pytest.raises(ValueError, match="engine"):
+        build_app({"engine": "tensorrt"})
     # who gets in: a key from a Secret on every pod, none in the Serve config; Ray's dashboard needs its token
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve_config["applications"][0]["args"]["require_api_key"] is True

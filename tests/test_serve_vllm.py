@@ -1,0 +1,100 @@
+"""The Serve app on vLLM with the softwatch observer (`engine: vllm`), through the official
+`openai` client: every choice has its record, the records' statistics equal a float64
+recomputation, a config push starts a new regime, and concurrent clients are recorded once each."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+
+from softwatch.serve.app import run
+from softwatch.stats import FIELDS
+from softwatch.store import Store, wait_for_records
+
+from .conftest import API_KEY
+from .reference import reference_vllm_stats
+from .test_replica import smol_service_on
+from .test_vllm import assert_fields_match, recorded, teacher_forced_logits
+
+pytest.importorskip("vllm")  # make test installs it; a machine without it runs the softwatch engine only
+
+MODEL = "SmolLM2-135M-Instruct"
+DEFAULTS = {"temperature": 0.7, "max_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def vllm_service(ray_cluster, tmp_path_factory):
+    yield from smol_service_on("vllm", ray_cluster, tmp_path_factory, defaults=DEFAULTS)
+
+
+@pytest.fixture(scope="module")
+def client(vllm_service):
+    return openai.OpenAI(base_url=f"{vllm_service['url']}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def teacher(smollm2):
+    import copy
+
+    return copy.deepcopy(smollm2.model).double()
+
+
+def test_openai_client_on_vllm_every_choice_recorded_with_exact_fields(vllm_service, client, smollm2, teacher):
+    messages = [{"role": "user", "content": "What is a unit test?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, n=2, temperature=0.8, top_p=0.9, seed=3,
+                                          max_tokens=16, logprobs=True, top_logprobs=2)
+    chat_ids = chat.model_extra["softwatch"]["request_ids"]
+    assert len(chat.choices) == 2 and all(c.message.content for c in chat.choices)
+    assert all(len(c.logprobs.content) >= 1 and len(c.logprobs.content[0].top_logprobs) == 2 for c in chat.choices)
+    completion = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=12)
+    completion_ids = completion.model_extra["softwatch"]["request_ids"]
+    streamed_ids, text = [], ""
+    for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            if choice.finish_reason is not None:
+                streamed_ids.append(choice.model_extra["softwatch"]["request_id"])
+    assert text and len(streamed_ids) == 1
+
+    ids = chat_ids + completion_ids + streamed_ids
+    wait_for_records(vllm_service["data"], ids, timeout_s=60)
+    store = Store(vllm_service["data"])
+    rows = store.rows("SELECT request_id, model_id, model_rev, params_id, generated_tokens FROM sequences")
+    store.close()
+    assert sorted(r["request_id"] for r in rows) == sorted(ids), "one sequences row per choice, no more"
+    assert {r["model_id"] for r in rows} == {MODEL} and all(r["model_rev"] and r["params_id"] for r in rows)
+
+    prompt_ids = list(smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    if hasattr(prompt_ids, "keys"):
+        prompt_ids = list(prompt_ids["input_ids"])
+    for rid, choice in zip(chat_ids, chat.choices):
+        sequence, stats, tokens = recorded(vllm_service["data"], rid)
+        assert stats.shape == (len(tokens), len(FIELDS)) and not torch.isnan(stats).any(), "all ten fields"
+        reference = reference_vllm_stats(teacher_forced_logits(teacher, prompt_ids, tokens), torch.tensor(tokens),
+                                         [0.8] * len(tokens), [0] * len(tokens), [0.9] * len(tokens))
+        assert_fields_match(stats, reference)
+        assert smollm2.tokenizer.decode(tokens, skip_special_tokens=True) == choice.message.content
+
+
+def test_a_config_push_is_a_new_regime_and_concurrent_clients_are_recorded_once(vllm_service, client):
+    before = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    run({**vllm_service["args"], "defaults": {**DEFAULTS, "temperature": 1.3}}, port=vllm_service["port"])
+
+    def ask(i: int) -> list[str]:
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Count to {i}"}],
+                                           max_tokens=8, seed=i)
+        return r.model_extra["softwatch"]["request_ids"]
+
+    with ThreadPoolExecutor(32) as pool:
+        ids = [rid for got in pool.map(ask, range(32)) for rid in got]
+    assert len(set(ids)) == 32
+    wait_for_records(vllm_service["data"], ids, timeout_s=60)
+    store = Store(vllm_service["data"])
+    rows = store.rows("SELECT request_id, params_id, temperature FROM sequences WHERE request_id IN "
+                      f"({', '.join('?' * len(ids))})", ids)
+    store.close()
+    assert sorted(r["request_id"] for r in rows) == sorted(ids), "each client's request recorded exactly once"
+    assert {r["temperature"] for r in rows} == {1.3}
+    old = before.model_extra["softwatch"]["regime"]["params_id"]
+    assert {r["params_id"] for r in rows} != {old}
