@@ -21,7 +21,7 @@ $(VLLM_STAMP): $(STAMP) softwatch/vllm/install.py
 	$(PY) -m softwatch.vllm.install
 	touch $(VLLM_STAMP)
 
-demo: $(STAMP)
+demo: $(VLLM_STAMP)
 	$(VENV)/bin/softwatch demo
 
 test: $(VLLM_STAMP)

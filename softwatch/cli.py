@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the end-to-end demo: serve, traffic, a config push, drift, report, SQL")
     demo.add_argument("--model", default="SmolLM2-135M-Instruct")
+    demo.add_argument("--engine", choices=["auto", "vllm", "softwatch"], default="auto",
+                      help="auto (default): vLLM with the softwatch observer where vLLM is installed")
     demo.add_argument("--data", default="softwatch-demo-data", help="dataset root (default %(default)s)")
     demo.add_argument("--requests", type=int, default=200, help="in all; half before the push, half after")
     demo.add_argument("--concurrency", type=int, default=8)
@@ -712,7 +714,7 @@ def _demo(args) -> int:
 
     if args.requests < 40 or args.concurrency < 1 or args.max_tokens < 1:
         raise ValueError("--requests must be >= 40 (20 per side), --concurrency and --max-tokens >= 1")
-    return run(DemoOptions(model=args.model, data=args.data, requests=args.requests, concurrency=args.concurrency,
+    return run(DemoOptions(model=args.model, engine=args.engine, data=args.data, requests=args.requests, concurrency=args.concurrency,
                            max_tokens=args.max_tokens, port=args.port, keep_running=args.keep_running))
 
 

@@ -34,6 +34,7 @@ SQL_EXAMPLES = [
 @dataclass
 class DemoOptions:
     model: str = "SmolLM2-135M-Instruct"
+    engine: str = "auto"
     data: str = "softwatch-demo-data"
     requests: int = 200  # in all, half before the config push and half after
     concurrency: int = 8
@@ -61,6 +62,7 @@ def run(opts: DemoOptions) -> int:
     from .serve.app import APP_NAME
     from .serve.app import run as deploy
     from .store import Store, wait_for_records
+    from .vllm import resolve_engine
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo narrates its own steps
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
@@ -71,8 +73,11 @@ def run(opts: DemoOptions) -> int:
     say(f"starting a local Ray cluster ({os.cpu_count()} CPUs)")
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        say(f"deploying the Serve app on {opts.model} (the first run converts the model once, ~30 s)")
-        args = {"model": opts.model, "data": data, "metrics": "prometheus", "max_batch": 32,
+        engine = resolve_engine(opts.engine)
+        say(f"deploying the Serve app on {opts.model}, decoded by "
+            f"{'vLLM with the softwatch observer' if engine == 'vllm' else 'softwatch engine'} "
+            "(the first run converts the model once, ~30 s)")
+        args = {"engine": engine, "model": opts.model, "data": data, "metrics": "prometheus", "max_batch": 32,
                 "num_cpus": 1, "defaults": {"temperature": 0.7, "max_tokens": opts.max_tokens},
                 "drift": {"interval_s": 5, "min_sequences": min(100, max(20, half - 10)), "window": max(20, half // 2),
                           "permutations": 2999}}

@@ -13,7 +13,7 @@ from .prometheus import free_port
 def test_demo_runs_end_to_end_in_short_mode(tmp_path):
     data = tmp_path / "demo-data"
     out = subprocess.run(
-        [sys.executable, "-m", "softwatch.cli", "demo", "--model", "tiny-random", "--requests", "60", "--max-tokens",
+        [sys.executable, "-m", "softwatch.cli", "demo", "--engine", "softwatch", "--model", "tiny-random", "--requests", "60", "--max-tokens",
          "8", "--data", str(data), "--port", str(free_port())],
         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
