@@ -647,7 +647,7 @@ def _serve(args) -> int:
 
     from .vllm import resolve_engine
 
-    engine = resolve_engine(app_args.get("engine", "auto"))
+    engine = resolve_engine(app_args.get("engine", "auto"), app_args.get("model", "SmolLM2-135M-Instruct"))
     print(f"softwatch serve: starting Ray and deploying {app_args.get('model', 'SmolLM2-135M-Instruct')} on "
           f"{'vLLM with the softwatch observer' if engine == 'vllm' else 'softwatch engine'} "
           "(first start takes a minute)", file=sys.stderr, flush=True)

@@ -73,7 +73,7 @@ def run(opts: DemoOptions) -> int:
     say(f"starting a local Ray cluster ({os.cpu_count()} CPUs)")
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        engine = resolve_engine(opts.engine)
+        engine = resolve_engine(opts.engine, opts.model)
         say(f"deploying the Serve app on {opts.model}, decoded by "
             f"{'vLLM with the softwatch observer' if engine == 'vllm' else 'softwatch engine'} "
             "(the first run converts the model once, ~30 s)")

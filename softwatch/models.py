@@ -102,6 +102,11 @@ def model_rev(digest: str, dtype: torch.dtype) -> str:
     return hashlib.blake2b(f"{digest}:{dtype}".encode(), digest_size=6).hexdigest()
 
 
+def is_tiny_random(name: str) -> bool:
+    """`tiny-random[-SEED]`: a model built in memory (with a byte tokenizer) that only softwatch's engine runs."""
+    return name == "tiny-random" or name.startswith("tiny-random-") and name[12:].isdigit()
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
@@ -109,7 +114,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM by name: the embedded default, a local directory, a .gguf file, a hub id,
     or `tiny-random[-SEED]` (a small random model for smoke tests)."""
-    if name == "tiny-random" or name.startswith("tiny-random-") and name[12:].isdigit():
+    if is_tiny_random(name):
         return tiny_model(seed=int(name[12:] or 0), device=device, dtype=dtype)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)

@@ -452,3 +452,15 @@ def test_killing_a_replica_under_load_loses_no_completed_record(service, client)
         time.sleep(1)
     assert not wanted - have, f"{len(wanted - have)} answered requests have no record"
     assert store.rows("SELECT count(*) AS n FROM tokens")[0]["n"] > 0  # the store stays readable
+
+
+def test_the_engine_setting_picks_vllm_where_it_runs_the_model():
+    from softwatch.vllm import resolve_engine
+
+    assert resolve_engine("softwatch", "SmolLM2-135M-Instruct") == "softwatch"
+    assert resolve_engine("auto", "tiny-random-3") == "softwatch"  # built in memory: softwatch's engine only
+    assert resolve_engine("auto", "SmolLM2-135M-Instruct") == "vllm"  # make test installs vLLM
+    with pytest.raises(ValueError, match="engine: vllm cannot run tiny-random"):
+        resolve_engine("vllm", "tiny-random")
+    with pytest.raises(ValueError, match="engine: must be one of"):
+        resolve_engine("tgi")

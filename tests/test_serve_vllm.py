@@ -8,6 +8,7 @@ import openai
 import pytest
 import torch
 
+from softwatch.admission import PromptLimits
 from softwatch.serve.app import run
 from softwatch.stats import FIELDS
 from softwatch.store import Store, wait_for_records
@@ -65,9 +66,7 @@ def test_openai_client_on_vllm_every_choice_recorded_with_exact_fields(vllm_serv
     assert sorted(r["request_id"] for r in rows) == sorted(ids), "one sequences row per choice, no more"
     assert {r["model_id"] for r in rows} == {MODEL} and all(r["model_rev"] and r["params_id"] for r in rows)
 
-    prompt_ids = list(smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    if hasattr(prompt_ids, "keys"):
-        prompt_ids = list(prompt_ids["input_ids"])
+    prompt_ids = PromptLimits.of(smollm2, max_batch=1).encode(messages, chat=True)
     for rid, choice in zip(chat_ids, chat.choices):
         sequence, stats, tokens = recorded(vllm_service["data"], rid)
         assert stats.shape == (len(tokens), len(FIELDS)) and not torch.isnan(stats).any(), "all ten fields"

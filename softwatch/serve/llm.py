@@ -307,7 +307,7 @@ def _engine(settings: dict) -> Engine | VLLMEngine:
     limits = {"max_batch": int(settings.get("max_batch", 32)),
               "max_prompt_tokens": _optional_int(settings.get("max_prompt_tokens")),
               "max_batch_tokens": _optional_int(settings.get("max_batch_tokens"))}
-    if resolve_engine(settings.get("engine", "auto")) == "vllm":
+    if resolve_engine(settings.get("engine", "auto"), model) == "vllm":
         from ..vllm.engine import VLLMEngine
 
         dtype = settings.get("dtype", "auto")

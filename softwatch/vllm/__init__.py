@@ -51,14 +51,20 @@ def engine_kwargs(model: str = "SmolLM2-135M-Instruct", settings: ObserverSettin
     return kwargs
 
 
-def resolve_engine(name: str) -> str:
-    """"vllm" or "softwatch" for an `engine` setting: "auto" is vLLM where it is installed."""
+def resolve_engine(name: str, model: str | None = None) -> str:
+    """"vllm" or "softwatch" for an `engine` setting and the model it is to run: "auto" is vLLM
+    where it is installed, except for models only softwatch's engine runs (tiny-random)."""
+    from ..models import is_tiny_random
+
     if name not in ENGINES:
         raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, got {name!r}")
+    softwatch_only = model is not None and is_tiny_random(model)
     if name == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "softwatch"
+        return "vllm" if importlib.util.find_spec("vllm") is not None and not softwatch_only else "softwatch"
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError("engine: vllm is not installed here (python -m softwatch.vllm.install)")
+    if name == "vllm" and softwatch_only:
+        raise ValueError(f"engine: vllm cannot run {model} (a model only softwatch's engine builds)")
     return name
 
 
