@@ -157,6 +157,10 @@ class ParquetSink:
         """The sequence row of a finished request, and its token rows unless sampled out.
         Returns once the record is journaled; raises `RecordNotDurable` if it cannot be."""
         kept = keeps_tokens(completion.request_id, self.token_sample_rate)
+        try:  # a row Parquet cannot take must be refused now: journaled, it would block every later flush
+            rows_table([sequence_row(completion, context, kept, prompt)], SCHEMAS["sequences"])
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+            raise RecordNotDurable(f"the record of {completion.request_id!r} does not fit the dataset: {exc}") from exc
         entry = Entry(completion, context, kept, prompt)
         payload = encode(entry) if self._journal_dir is not None else None
         tokens = len(completion.token_ids) if kept else 0

@@ -212,3 +212,30 @@ def test_the_object_store_lease_admits_one_compaction_until_it_expires(tmp_path)
     with rootlock.exclusive(fs, "root", lease_s=-1, settle_s=0.01):  # a holder that died: its lease expired
         with rootlock.exclusive(fs, "root", settle_s=0.01):
             pass
+
+
+def test_a_record_parquet_cannot_take_is_refused_before_it_is_journaled(tmp_path):
+    """A top_k beyond the int32 column (vLLM accepts any) must not reach the journal, where it
+    would block every later flush and come back on every recovery."""
+    import dataclasses
+
+    import torch
+
+    from softwatch.completion import Completion
+    from softwatch.records import RecordContext
+    from softwatch.store import ParquetSink, RecordNotDurable, Store
+
+    def completion(rid: str, top_k: int) -> Completion:
+        return Completion(request_id=rid, text="", token_ids=[1, 2], prompt_tokens=3, finish_reason="stop",
+                          stats=torch.zeros(2, 10), summary={"generated_tokens": 2, "finish_reason": "stop"},
+                          regime={"model_id": "m", "model_rev": "r", "params_id": "p", "temperature": 1.0,
+                                  "top_p": 1.0, "top_k": top_k, "template_version": "v1"},
+                          created=1.7e9, ttft_s=0.1, latency_s=0.2)
+
+    context = RecordContext(deployment="d", replica="r")
+    sink = ParquetSink(str(tmp_path), flush_interval_s=3600)
+    with pytest.raises(RecordNotDurable, match="does not fit"):
+        sink.write_completion(completion("bad", 3_000_000_000), context)
+    sink.write_completion(dataclasses.replace(completion("good", 40)), context)
+    sink.close()
+    assert Store(str(tmp_path)).rows("SELECT request_id FROM sequences") == [{"request_id": "good"}]

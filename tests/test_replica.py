@@ -95,9 +95,16 @@ def test_a_failing_engine_fails_its_requests_with_records_and_turns_the_replica_
 
 def test_a_request_past_its_timeout_is_cancelled_freed_and_recorded(tmp_path):
     server = replica(tmp_path, request_timeout_s=0.3)
-    slow, quick = gather(ask(server, "slow", max_tokens=480, ignore_eos=True),
+    journaled_at_answer = []
+
+    def on_event(event):  # the 504 goes out only once the timeout's record is in the journal
+        if event["type"] == "error":
+            journaled_at_answer.append(any(b'"slow"' in p.read_bytes() for p in tmp_path.rglob("*.wal")))
+
+    slow, quick = gather(ask(server, "slow", max_tokens=480, ignore_eos=True, on_event=on_event),
                          ask(server, "quick", max_tokens=2))
     assert slow["type"] == "error" and slow["status"] == 504 and "0.3 s" in slow["message"]
+    assert journaled_at_answer == [True]
     assert quick["type"] == "done"
     deadline = time.monotonic() + 10
     while asyncio.run(server.info())["running"] and time.monotonic() < deadline:

@@ -45,6 +45,7 @@ log = logging.getLogger("softwatch.serve")
 DEFAULT_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "template_version")
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_MAX_FAILED_STEPS = 3
+TIMEOUT_RECORD_WAIT_S = 30.0  # a timed-out request's answer waits this long for its record
 
 
 class LLMServer:
@@ -145,8 +146,7 @@ class LLMServer:
                 except TimeoutError:
                     finished = True
                     self._inbox.put(("cancel", rid, "timeout"))
-                    yield {"type": "error", "status": 504, "param": None,
-                           "message": f"the request did not finish within {self.request_timeout_s:g} s"}
+                    yield await self._timed_out(events)
                     return
                 if event[0] == "token":
                     yield {"type": "token", "text": text.push(event[1]),
@@ -162,6 +162,19 @@ class LLMServer:
         finally:
             if not finished:  # the client went away: stop decoding for it
                 self._inbox.put(("cancel", rid, "cancelled"))
+
+    async def _timed_out(self, events: asyncio.Queue) -> dict:
+        """The answer to a request past its timeout, once the decode thread has recorded it
+        (finish_reason "timeout", or what it finished with in the meantime)."""
+        try:
+            event = await asyncio.wait_for(events.get(), timeout=TIMEOUT_RECORD_WAIT_S)
+        except TimeoutError:
+            event = ("error", 503, None, "")
+        if event[0] == "error" and event[1] == 503:
+            return {"type": "error", "status": 503, "param": None,
+                    "message": "the request timed out and its record could not be confirmed; retry it"}
+        return {"type": "error", "status": 504, "param": None,
+                "message": f"the request did not finish within {self.request_timeout_s:g} s"}
 
     def _result(self, c: Completion, spec: dict) -> dict:
         tok = self.lm.tokenizer
@@ -212,9 +225,8 @@ class LLMServer:
         if command[0] == "cancel":
             _, rid, reason = command
             c = self.engine.cancel(rid, reason)
-            if c is not None:
+            if c is not None:  # else the engine ends it in a later step (vLLM), and answers then
                 self._finish(c, callers, prompts)
-            callers.pop(rid, None)
             return
         _, rid, ids, params, on_token, put, prompt, fault = command
         try:

@@ -29,9 +29,11 @@ from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
 from .served import ServedModel, served_model
 from .settings import ObserverSettings
 
-CANCELLED_UNSEEN_S = 2.0
-"""A cancelled request the observer never saw (still queued in vLLM) is forgotten after this
-long without a completion; the own engine drops such a request without a record too."""
+HANDOFF_GRACE_S = 2.0
+"""How long after vLLM finished or aborted a request its completion may take to come from the
+observer (it comes at the next step, or from the observer's watcher within 0.5 s). Past it the
+request is completed without statistics: the observer never saw it (aborted while queued) or
+has failed, and a request must end either way."""
 
 
 @dataclass
@@ -68,6 +70,7 @@ class _Request:
     logprobs: list[TokenLogprobs] | None = None
     text: str | None = None  # vLLM's final text (stop strings cut)
     finish_reason: str | None = None  # vLLM's, once it finished
+    finished_at: float | None = None  # monotonic
     token_ids: list[int] = field(default_factory=list)  # as streamed
     cancelled_at: float | None = None
     cancel_reason: str = "cancelled"
@@ -154,18 +157,16 @@ class VLLMEngine:
         when vLLM clears it from its batch)."""
         busy = self._engine.has_unfinished_requests()
         try:
-            outputs = self._engine.step()
-        except Exception as exc:  # noqa: BLE001 - vLLM's engine failed: so did every request it held
+            for output in self._engine.step():
+                self._emit(output)
+        except Exception as exc:  # noqa: BLE001 - the step failed: so did every request it held
             failed = [self._bare(rid, self._requests.pop(rid), "error") for rid in list(self._requests)]
             raise StepFailed(failed, exc) from exc
-        for output in outputs:
-            self._emit(output)
         if not self.observe:
-            return [self._bare(rid, self._requests.pop(rid), r.finish_reason, stats=False)
-                    for rid, r in list(self._requests.items()) if r.finish_reason is not None]
+            return self._overdue(grace_s=0.0)
         done = [self._complete(c, self._requests.pop(c.request_id)) for c in self.handoff.take()
                 if c.request_id in self._requests]
-        done += self._unseen_cancelled()
+        done += self._overdue(HANDOFF_GRACE_S)
         if not done and not busy:
             time.sleep(0.01)  # waiting for the observer's watcher to release an aborted request
         return done
@@ -189,7 +190,7 @@ class VLLMEngine:
                 request.on_token(token, entry)
         request.sent = len(choice.token_ids)
         if output.finished:
-            request.text = choice.text
+            request.text, request.finished_at = choice.text, time.monotonic()
             request.finish_reason = {"abort": "cancelled"}.get(choice.finish_reason, choice.finish_reason)
 
     def _complete(self, c: Completion, request: _Request) -> Completion:
@@ -206,12 +207,14 @@ class VLLMEngine:
         c.summary.update(prompt_tokens=c.prompt_tokens, ttft_s=c.ttft_s, latency_s=c.latency_s)
         return c
 
-    def _unseen_cancelled(self) -> list[Completion]:
-        """Cancelled requests the observer never saw (still queued in vLLM): records with no tokens."""
+    def _overdue(self, grace_s: float) -> list[Completion]:
+        """Requests vLLM finished or aborted more than `grace_s` ago with no completion from the
+        observer: completed here, their statistics unknown (or none, without the observer)."""
         now = time.monotonic()
-        unseen = [rid for rid, r in self._requests.items()
-                  if r.cancelled_at is not None and r.sent == 0 and now - r.cancelled_at > CANCELLED_UNSEEN_S]
-        return [self._bare(rid, r, r.cancel_reason) for rid, r in ((rid, self._requests.pop(rid)) for rid in unseen)]
+        overdue = [rid for rid, r in self._requests.items()
+                   if (ended := r.finished_at or r.cancelled_at) is not None and now - ended >= grace_s]
+        return [self._bare(rid, r, r.finish_reason or r.cancel_reason, stats=self.observe)
+                for rid, r in ((rid, self._requests.pop(rid)) for rid in overdue)]
 
     def _bare(self, rid: str, request: _Request, finish_reason: str, stats: bool = True) -> Completion:
         """A completion the observer did not give: the tokens this side saw, their statistics
