@@ -464,3 +464,10 @@ def test_the_engine_setting_picks_vllm_where_it_runs_the_model():
         resolve_engine("vllm", "tiny-random")
     with pytest.raises(ValueError, match="engine: must be one of"):
         resolve_engine("tgi")
+
+
+def test_logprobs_zero_returns_the_sampled_tokens_logprob(client):
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, logprobs=0, seed=1)
+    logprobs = r.choices[0].logprobs
+    assert logprobs is not None and len(logprobs.token_logprobs) == len(logprobs.tokens) >= 1
+    assert all(v <= 0 for v in logprobs.token_logprobs) and all(top == {} for top in logprobs.top_logprobs)

@@ -360,7 +360,8 @@ class Ingress:
             raise ApiError(400, f"{'prompt' if len(prompts) > MAX_CHOICES else 'n'}: {len(prompts)} prompts x n={body.n} "
                            f"is {len(prompts) * body.n} choices; at most {MAX_CHOICES} per request",
                            "prompt" if len(prompts) > MAX_CHOICES else "n")
-        params = _params(body, body.max_tokens, body.logprobs or 0)
+        # logprobs: 0 asks for the sampled token's logprob alone (OpenAI), not for none
+        params = _params(body, body.max_tokens, body.logprobs or 0, logprobs=body.logprobs is not None)
         specs = [{"prompt": p, "params": params} for p in prompts]
         return await self._respond(body, specs, model, chat=False)
 
