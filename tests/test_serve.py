@@ -96,6 +96,7 @@ def test_stop_strings_are_never_streamed(client):
     (b'{"model": "tiny-random-0", "prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
     (b'{"model": "tiny-random-0", "prompt": "' + b"y" * 600 + b'"}', 400, "prompt"),
     (b'{"model": "tiny-random-0", "prompt": ""}', 400, "prompt"),
+    (b'{"model": "tiny-random-0", "prompt": "a\\ud800b"}', 400, "prompt"),  # a lone surrogate: no text
     (b'{"model": "other-model", "prompt": "x"}', 404, "model"),
     (b'{"model": "tiny-random-0", "prompt": "x"', 400, None),
     (b'{"model": "tiny-random-0", "prompt": "\xff\xfe"}', 400, None),

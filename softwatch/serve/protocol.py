@@ -120,6 +120,12 @@ class CompletionRequest(_Sampling):
             raise ValueError("is not supported by softwatch unless it equals n (every choice is returned)")
         return best_of
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_unicode(cls, prompt):
+        _refuse_surrogates([prompt] if isinstance(prompt, str) else prompt)
+        return prompt
+
     def prompts(self) -> list:
         return [self.prompt] if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else self.prompt
 
@@ -129,14 +135,37 @@ class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _text_is_unicode(cls, text):
+        _refuse_surrogates([text])
+        return text
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
+    @field_validator("content")
+    @classmethod
+    def _content_is_unicode(cls, content):
+        _refuse_surrogates([content] if isinstance(content, str) else [])
+        return content
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+def _refuse_surrogates(texts: list) -> None:
+    """Strings that are text: a lone UTF-16 surrogate (JSON allows "\\ud800") encodes to nothing a
+    tokenizer takes, and must be the client's 400, not the replica's 500."""
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("holds a lone UTF-16 surrogate (not valid Unicode text)") from None
 
 
 class ChatRequest(_Sampling):
