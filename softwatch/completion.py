@@ -89,6 +89,10 @@ class DecodingParams:
     def params_id(self) -> str:
         return params_id(self.regime_params())
 
+    def regime(self, model_id: str, model_rev: str) -> dict:
+        """The regime a sequence decoded with these parameters belongs to, as records name it."""
+        return {"model_id": model_id, "model_rev": model_rev, "params_id": self.params_id, **self.regime_params()}
+
 
 def _int_in(value, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high

@@ -151,14 +151,6 @@ class Engine:
         """Requests queued for admission."""
         return len(self._waiting)
 
-    def regime(self, params: DecodingParams) -> dict:
-        return {
-            "model_id": self.lm.model_id,
-            "model_rev": self.lm.model_rev,
-            "params_id": params.params_id,
-            **params.regime_params(),
-        }
-
     def generate(
         self, prompts: list, params: DecodingParams = DecodingParams(), chat: bool = False
     ) -> list[Completion]:
@@ -364,7 +356,7 @@ class Engine:
         return Completion(
             request_id=seq.request_id, text=text, token_ids=list(seq.generated),
             prompt_tokens=len(seq.prompt_ids), finish_reason=reason, stats=stats, summary=summary,
-            regime=self.regime(seq.params), created=seq.created, ttft_s=ttft, latency_s=now - seq.started,
+            regime=seq.params.regime(self.lm.model_id, self.lm.model_rev), created=seq.created, ttft_s=ttft, latency_s=now - seq.started,
             logprobs=seq.logprobs,
         )
 

@@ -75,8 +75,7 @@ class Watch:
         stats = stats.float().cpu()
         eos = _eos_ids(self.model, self.tokenizer)
         mask = kwargs.get("attention_mask")
-        regime = {"model_id": self.model_id, "model_rev": self.model_rev, "params_id": params.params_id,
-                  **params.regime_params()}
+        regime = params.regime(self.model_id, self.model_rev)
         for row in range(batch):
             ids = tokens[row].tolist()
             end = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))

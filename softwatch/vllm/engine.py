@@ -220,9 +220,7 @@ class VLLMEngine:
         """A completion the observer did not give: the tokens this side saw, their statistics
         unknown (NaN rows, as the observer leaves a position it never observed), or none at all
         without the observer."""
-        params = request.params
-        regime = {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "params_id": params.params_id,
-                  **params.regime_params()}
+        regime = request.params.regime(self.lm.model_id, self.lm.model_rev)
         rows = torch.full((len(request.token_ids), len(FIELDS)), float("nan")) if stats else None
         c = Completion(request_id=rid, text="", token_ids=list(request.token_ids), prompt_tokens=0,
                        finish_reason=finish_reason, stats=rows, summary={**summarize(rows), "finish_reason": finish_reason,
