@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -76,13 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     tel.add_argument("--new-tokens", type=int, default=64)
     tel.add_argument("--json", action="store_true")
 
-    bserve = bench_sub.add_parser("serve", help="concurrent clients vs one at a time against the service")
-    bserve.add_argument("--url", default=None, help="a running service (default: start one on --model)")
+    bserve = bench_sub.add_parser("serve", help="streamed completions through the Serve app on each engine, "
+                                  "at several client concurrencies, in rotating turns")
+    bserve.add_argument("--engines", default="softwatch,vllm",
+                        help="softwatch: softwatch's engine; vllm: vLLM with the observer and vLLM without it")
+    bserve.add_argument("--url", default=None, help="bench this running service instead (one variant)")
     bserve.add_argument("--model", default="SmolLM2-135M-Instruct")
-    bserve.add_argument("--api-key", default=None)
-    bserve.add_argument("--concurrency", type=int, default=8)
-    bserve.add_argument("--requests", type=int, default=32)
+    bserve.add_argument("--api-key", default=None, help="for --url")
+    bserve.add_argument("--concurrency", default="1,8,32", help="client concurrencies, comma-separated")
+    bserve.add_argument("--requests-per-client", type=int, default=2)
     bserve.add_argument("--max-tokens", type=int, default=64)
+    bserve.add_argument("--temperature", type=float, default=0.7)
+    bserve.add_argument("--rounds", type=int, default=3)
     bserve.add_argument("--json", action="store_true")
 
     bdrift = bench_sub.add_parser("drift", help="softwatch's drift detectors vs Evidently's defaults on the same "
@@ -379,50 +385,101 @@ def _bench_telemetry(args) -> int:
 
 
 def _bench_serve(args) -> int:
-    import tempfile
-
-    import httpx
-
     from . import bench
-    from .bench.serve import serve
+    from .bench.serve import VARIANTS, bench as bench_serve
 
-    if args.concurrency < 1 or args.requests < 1 or args.max_tokens < 1:
-        raise ValueError("--concurrency, --requests and --max-tokens must be >= 1")
-    url, started = args.url, False
-    scratch = None
-    if url is None:
-        import socket
-
-        import ray
-        from ray import serve as ray_serve
-
-        from .serve.app import run
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        scratch = tempfile.TemporaryDirectory(prefix="softwatch-bench-serve-")
-        bench.print_progress(f"starting a local service on {args.model}")
-        ray.init(include_dashboard=False, log_to_driver=False)
-        run({"model": args.model, "data": scratch.name, "metrics": "none", "num_cpus": 1}, port=port)
-        url, started = f"http://127.0.0.1:{port}", True
-    try:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
-        result = serve(url, model, args.api_key, args.concurrency, args.requests, args.max_tokens,
-                       progress=bench.print_progress)
-    finally:
-        if started:
-            ray_serve.shutdown()
-            ray.shutdown()
-            scratch.cleanup()
+    concurrencies = _positive_ints(args.concurrency, "--concurrency")
+    if min(args.requests_per_client, args.max_tokens, args.rounds) < 1:
+        raise ValueError("--requests-per-client, --max-tokens and --rounds must be >= 1")
+    if args.url:
+        urls = {"service": args.url.rstrip("/")}
+        result = bench_serve(urls, _served_model(args.url, args.api_key), args.api_key, concurrencies,
+                             args.requests_per_client, args.max_tokens, args.rounds, args.temperature,
+                             bench.print_progress)
+    else:
+        variants = [v for engine in _names(args.engines, "--engines", ("softwatch", "vllm"))
+                    for v in VARIANTS if VARIANTS[v][0] == engine]
+        with _bench_services(args.model, variants) as urls:
+            result = bench_serve(urls, args.model, None, concurrencies, args.requests_per_client, args.max_tokens,
+                                 args.rounds, args.temperature, bench.print_progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['model']} at {result['url']}: {result['requests']} requests x {result['max_tokens']} tokens")
-    for key in ("tok_s", "p50_latency_s", "p99_latency_s", "ttft_p50_s", "sequential_tok_s", "speedup"):
-        print(f"  {key:<18} {result[key]:10.3f}")
+    print(serve_table(result))
     return 0
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: every value must be >= 1, got {text!r}")
+    return values
+
+
+def _names(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown or not names:
+        raise ValueError(f"{flag}: choose from {', '.join(allowed)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _served_model(url: str, api_key: str | None) -> str:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
+
+
+@contextlib.contextmanager
+def _bench_services(model: str, variants: list[str]):
+    """Every variant as its own Serve app (route prefix /<variant>) on a local Ray cluster, all at
+    once; yields variant -> base URL."""
+    import socket
+    import tempfile
+
+    import ray
+    from ray import serve as ray_serve
+
+    from . import bench
+    from .bench.serve import VARIANTS
+    from .serve.app import application, deploy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="softwatch-bench-serve-") as scratch:
+        bench.print_progress(f"starting {', '.join(variants)} on {model}")
+        # Logical CPUs enough for every app at once: the variants take turns, never decode together.
+        ray.init(num_cpus=4 * len(variants), include_dashboard=False, log_to_driver=False)
+        try:
+            apps = [application({"model": model, "engine": VARIANTS[v][0], "observe": VARIANTS[v][1],
+                                 "data": os.path.join(scratch, v), "metrics": "none", "num_cpus": 0.5,
+                                 "drift": {"interval_s": 86400}}, name=v, route_prefix=f"/{v}")
+                    for v in variants]
+            deploy(apps, port=port)
+            yield {v: f"http://127.0.0.1:{port}/{v}" for v in variants}
+        finally:
+            ray_serve.shutdown()
+            ray.shutdown()
+
+
+def serve_table(result: dict) -> str:
+    lines = [f"{result['model']}, {result['max_tokens']} tokens per request at T={result['temperature']}, "
+             f"{result['rounds']} rounds"]
+    lines.append(f"  {'variant':<12} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
+                 f"{'tok p50':>8} {'tok p99':>8}")
+    for variant, by_concurrency in result["variants"].items():
+        for c, s in by_concurrency.items():
+            lines.append(f"  {variant:<12} {c:>7} {s['tok_s']:8.1f} {s['ttft_p50_s']:9.3f} {s['ttft_p99_s']:9.3f} "
+                         f"{s['token_latency_p50_s'] or 0:8.3f} {s['token_latency_p99_s'] or 0:8.3f}")
+    for key in ("vllm_vs_softwatch", "observer_overhead"):
+        if result[key] is not None:
+            lines.append(f"  {key} {result[key]:.3f}")
+    return "\n".join(lines)
 
 
 def _bench_drift(args) -> int:

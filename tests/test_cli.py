@@ -135,3 +135,19 @@ def test_serve_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
     store = Store(str(data))
     assert store.rows("SELECT count(*) AS n FROM sequences")[0]["n"] == 1  # flushed on shutdown
     assert not list((data / "prometheus" / "targets").glob("*.json"))  # deregistered
+
+
+@pytest.mark.parametrize("flag, value", [("--engines", "softwatch,tgi"), ("--concurrency", "8,0"),
+                                         ("--concurrency", "eight")])
+def test_bench_serve_names_a_bad_flag_before_starting_anything(flag, value):
+    r = softwatch("bench", "serve", flag, value, timeout=60)
+    assert r.returncode != 0 and flag in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_serve_ratios_are_taken_at_concurrency_8():
+    from softwatch.bench.serve import _ratios
+
+    summaries = {"softwatch": {1: {"tok_s": 5.0}, 8: {"tok_s": 40.0}}, "vllm": {8: {"tok_s": 60.0}},
+                 "vllm_plain": {8: {"tok_s": 63.0}}}
+    assert _ratios(summaries) == {"vllm_vs_softwatch": 1.5, "observer_overhead": 1.05}
+    assert _ratios({"softwatch": summaries["softwatch"]}) == {"vllm_vs_softwatch": None, "observer_overhead": None}

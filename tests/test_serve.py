@@ -383,14 +383,21 @@ def test_deploy_files_are_valid_serve_configs():
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_bench_serve_reports_its_keys(service):
-    from softwatch.bench.serve import serve as bench_serve
+def test_bench_serve_pools_every_rounds_requests_and_tokens(service):
+    from softwatch.bench.serve import bench
 
-    result = bench_serve(service["url"], MODEL, API_KEY, concurrency=4, requests=8, max_tokens=4)
-    assert result["tokens"] == result["sequential_tokens"] > 0  # the same seeded workload both ways
-    assert result["tok_s"] > 0 and result["sequential_tok_s"] > 0
-    assert result["speedup"] == pytest.approx(result["tok_s"] / result["sequential_tok_s"])
-    assert 0 < result["ttft_p50_s"] <= result["p50_latency_s"] <= result["p99_latency_s"]
+    urls = {"softwatch": service["url"], "again": service["url"]}  # two variants, one service
+    result = bench(urls, MODEL, API_KEY, concurrencies=(1, 4), requests_per_client=2, max_tokens=4, rounds=2)
+    for variant in urls:
+        for c, phase in result["variants"][variant].items():
+            assert phase["requests"] == int(c) * 2 * 2  # c clients x 2 requests x 2 rounds
+            assert 0 < phase["tokens"] <= phase["requests"] * 4
+            assert phase["ttft_p50_s"] <= phase["ttft_p99_s"] <= phase["latency_p99_s"]
+            assert 0 < phase["token_latency_p50_s"] <= phase["token_latency_p99_s"]
+    # Seeded requests at T 0.7: both variants drew the same tokens.
+    assert result["variants"]["softwatch"]["4"]["tokens"] == result["variants"]["again"]["4"]["tokens"]
+    assert result["vllm_vs_softwatch"] is None and result["observer_overhead"] is None  # no vLLM variants
+    assert len(result["per_round"]) == 2
 
 
 def test_killing_a_replica_under_load_loses_no_completed_record(service, client):

@@ -94,11 +94,16 @@ def run(args: dict, host: str = "127.0.0.1", port: int = 8000, blocking: bool = 
     `serve deploy` does (a declarative config naming `build_app`), so that running it again
     with other `defaults` or `drift` settings is a lightweight `user_config` update: the
     replicas are reconfigured in place, not restarted."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
+    deploy([application(args)], host, port, timeout_s)
+    if blocking:
+        while True:
+            time.sleep(1)
 
-    build_app(args)  # refuse bad args here, with the message, before the controller sees them
-    serve.start(http_options={"host": host, "port": port})
+
+def application(args: dict, name: str = APP_NAME, route_prefix: str = "/") -> dict:
+    """The Serve config entry of one softwatch app; bad args are refused here, with the message,
+    before the controller sees them."""
+    build_app(args)
     app_args = {k: v for k, v in args.items() if k not in ("defaults", "drift", "deployments")}
     overrides = dict(args.get("deployments") or {})
     llm, monitor = overrides.pop("LLMServer", {}), overrides.pop("DriftMonitor", {})
@@ -107,23 +112,30 @@ def run(args: dict, host: str = "127.0.0.1", port: int = 8000, blocking: bool = 
         deployments.append({**monitor, "name": "DriftMonitor",
                             "user_config": dict(args.get("drift") or monitor.get("user_config") or {})})
     deployments += [{**options, "name": name} for name, options in overrides.items()]
-    config = {"applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:build_app",
-                                "args": app_args, "deployments": deployments}]}
-    _get_global_client().deploy_apps(ServeDeploySchema.parse_obj(config))
-    _wait_until_running(timeout_s)
-    if blocking:
-        while True:
-            time.sleep(1)
+    return {"name": name, "route_prefix": route_prefix, "import_path": f"{__name__}:build_app",
+            "args": app_args, "deployments": deployments}
 
 
-def _wait_until_running(timeout_s: float) -> None:
+def deploy(applications: list[dict], host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> None:
+    """Make `applications` (entries from `application`) the cluster's whole set of Serve apps
+    (a declarative deploy: apps not named are removed) and wait until every one runs."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    serve.start(http_options={"host": host, "port": port})
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
+    for app in applications:
+        _wait_until_running(app["name"], timeout_s)
+
+
+def _wait_until_running(name: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        app = serve.status().applications.get(APP_NAME)
+        app = serve.status().applications.get(name)
         status = str(getattr(app, "status", "")) if app else ""
         if status.endswith("RUNNING"):
             return
         if status.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
             message = getattr(app, "message", "") if app else "the application never appeared"
-            raise RuntimeError(f"the softwatch app did not start ({status or 'no status'}): {message}")
+            raise RuntimeError(f"the {name} app did not start ({status or 'no status'}): {message}")
         time.sleep(0.5)

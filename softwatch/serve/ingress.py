@@ -85,6 +85,11 @@ class _LimitBody:
         await self.inner(scope, limited_receive, send)
 
 
+def _route(scope: dict) -> str:
+    """The request's path within the app: without the app's route prefix (Serve's root_path)."""
+    return scope["path"].removeprefix(scope.get("root_path", "").rstrip("/")) or "/"
+
+
 class _RequireKey:
     """Every route but OPEN_PATHS needs `Authorization: Bearer <key>` when the app has a key."""
 
@@ -92,7 +97,7 @@ class _RequireKey:
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and _route(scope) not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not authorized(scope["app"].state.api_key, given):  # the app Serve runs
                 response = JSONResponse(error_body("a valid API key is required: Authorization: Bearer <key>",
