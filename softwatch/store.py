@@ -142,7 +142,6 @@ class ParquetSink:
         self.max_pending_rows = max_pending_rows
         self.writer = writer_id() if writer is None else f"{writer}-{os.urandom(8).hex()}"
         self.rows_written = dict.fromkeys(SCHEMAS, 0)
-        self.at_flush_point: Callable[[str], None] = lambda point: None  # a seam for fault tests
         self._files = count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -161,6 +160,10 @@ class ParquetSink:
         self._thread = threading.Thread(target=self._background, name="softwatch-sink", daemon=True)
         self._thread.start()
         _register(self, flush_on_sigterm)
+
+    def at_flush_point(self, point: str) -> None:
+        """A seam for fault tests: a flush calls it at each of FLUSH_POINTS. Patched on the class,
+        it also sees the flush of recovered segments that starts as the sink is created."""
 
     # ---- adding records -------------------------------------------------------------------
     def write_completion(self, completion: Completion, context: RecordContext, prompt: str | None = None) -> None:
