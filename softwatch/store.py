@@ -33,11 +33,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import journal, rootlock
-from .renames import rename_noreplace
 from .completion import Completion
 from .entries import Entry, decode, encode
 from .host import host_name
 from .records import REGIME_COLUMNS, SCHEMAS, RecordContext, keeps_tokens, rows_table, sequence_row, token_table
+from .renames import rename_noreplace
 
 log = logging.getLogger("softwatch.store")
 
