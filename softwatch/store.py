@@ -582,12 +582,20 @@ def compact(
     say = progress or (lambda message: None)
     with rootlock.exclusive(fs, path) as renew:
         for table in SCHEMAS:
-            base = f"{path}/{table}"
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-            for partition in sorted(i.path for i in infos if i.type == pafs.FileType.Directory):
+            for partition in _partitions(fs, f"{path}/{table}"):
                 _compact_partition(fs, partition, _schema(table), target_bytes, stale_after_s, result, say)
                 renew()
     return result
+
+
+def _partitions(fs: pafs.FileSystem, table_dir: str) -> list[str]:
+    """The partition directories of a table; none while the table has no directory. pyarrow's
+    `allow_not_found` raises when the directory appears while it looks (a writer's first file)."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(table_dir, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory)
 
 
 def _compact_partition(fs: pafs.FileSystem, partition: str, schema: pa.Schema, target_bytes: int,

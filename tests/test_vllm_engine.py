@@ -26,9 +26,9 @@ def engine():
 
 @pytest.fixture(scope="module")
 def baseline():
-    """The unobserved engine (a benchmark's baseline). It lives as long as `engine`: shutting
-    an in-process vLLM engine down tears down the process's distributed state, which every
-    engine in the process shares."""
+    """The unobserved engine (a benchmark's baseline), shut down with `engine` at the module's
+    end: shutting an in-process vLLM engine down tears down the process's distributed state,
+    which every engine in the process shares."""
     yield from running(VLLMEngine(MODEL, max_batch=4, observe=False, **OVERRIDES))
 
 
