@@ -18,12 +18,15 @@ pid reuse and between containers that share the directory.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import struct
 import zlib
 from collections.abc import Iterator
+
+from .renames import rename_noreplace
 
 log = logging.getLogger("softwatch.journal")
 
@@ -83,22 +86,25 @@ class Segment:
 
 
 def create(directory: str, name: str) -> Segment:
-    """A new, empty segment, locked before any other process can see it under its name."""
+    """A new, empty segment, locked before any other process can see it under its name.
+    FileExistsError if a segment has that name: a segment is never replaced."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name + SUFFIX)
     creating = os.path.join(directory, f".{name}{_CREATING}")
     fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(creating, path)
+        rename_noreplace(creating, path)
     except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.remove(creating)  # O_EXCL made it ours
         raise
     return Segment(path, fd)
 
 
-def claim_orphans(directory: str) -> Iterator[tuple[Segment, list[bytes]]]:
-    """Each segment that no live process holds, locked for the caller, with its frames."""
+def claim_orphans(directory: str) -> Iterator[Segment]:
+    """Each segment that no live process holds, locked for the caller (`frames` reads it)."""
     if not os.path.isdir(directory):
         return
     for name in sorted(os.listdir(directory)):
@@ -110,7 +116,7 @@ def claim_orphans(directory: str) -> Iterator[tuple[Segment, list[bytes]]]:
             continue
         segment = _lock_if_orphan(path)
         if segment is not None:
-            yield segment, list(_frames(segment))
+            yield segment
 
 
 def _lock_if_orphan(path: str) -> Segment | None:
@@ -137,7 +143,8 @@ def _remove_if_orphan(path: str) -> None:
         segment.release()
 
 
-def _frames(segment: Segment) -> Iterator[bytes]:
+def frames(segment: Segment) -> Iterator[bytes]:
+    """The payloads of a segment's whole frames, in order."""
     with open(segment.path, "rb") as f:
         data = f.read()
     offset = 0

@@ -37,6 +37,7 @@ from .completion import Completion
 from .entries import Entry, decode, encode
 from .host import host_name
 from .records import REGIME_COLUMNS, SCHEMAS, RecordContext, keeps_tokens, rows_table, sequence_row, token_table
+from .renames import rename_noreplace
 
 log = logging.getLogger("softwatch.store")
 
@@ -64,7 +65,8 @@ def _is_local(fs: pafs.FileSystem) -> bool:
 
 
 def _write_parquet(fs: pafs.FileSystem, table: pa.Table, final: str) -> None:
-    """Write `table` so that `final` appears whole or not at all."""
+    """Write `table` so that `final` appears whole or not at all. On a local disk a file that
+    has the name already stays, and this raises FileExistsError."""
     # Dictionary-encode the columns that repeat (regime, ids, counts), not the statistics:
     # on near-unique floats a dictionary only costs time.
     options = dict(compression="zstd", use_dictionary=[
@@ -75,7 +77,11 @@ def _write_parquet(fs: pafs.FileSystem, table: pa.Table, final: str) -> None:
     directory, name = final.rsplit("/", 1)
     tmp = f"{directory}/.{name}{TMP_SUFFIX}"
     pq.write_table(table, tmp, filesystem=fs, **options)
-    fs.move(tmp, final)
+    try:
+        rename_noreplace(tmp, final)
+    except BaseException:
+        fs.delete_file(tmp)
+        raise
 
 
 def writer_id() -> str:
@@ -104,9 +110,13 @@ class ParquetSink:
 
     Finished requests go out in batches, one per journal segment, in files named after the
     segment (`part-<segment>.parquet`): writing a batch again (a retry, or a recovery after
-    a kill mid-flush) replaces those files instead of adding rows. At most
-    `max_pending_rows` journaled rows wait for Parquet; past that, `write_completion` raises
-    `RecordNotDurable` until a flush succeeds."""
+    a kill mid-flush) skips the files already in place instead of adding rows. No file or
+    segment is ever replaced: names start with `writer`, made unique to this sink (an id
+    given by the caller comes back when its process restarts). At most `max_pending_rows`
+    journaled rows wait for Parquet; past that, `write_completion` raises `RecordNotDurable`
+    until a flush succeeds. The segments of dead writers that this sink recovers are
+    written at once, one at a time, and count against no bound: they are read from disk
+    when their turn comes."""
 
     def __init__(
         self,
@@ -130,9 +140,8 @@ class ParquetSink:
         self.flush_interval_s = flush_interval_s
         self.token_sample_rate = token_sample_rate
         self.max_pending_rows = max_pending_rows
-        self.writer = writer or writer_id()
+        self.writer = writer_id() if writer is None else f"{writer}-{os.urandom(8).hex()}"
         self.rows_written = dict.fromkeys(SCHEMAS, 0)
-        self.at_flush_point: Callable[[str], None] = lambda point: None  # a seam for fault tests
         self._files = count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -141,7 +150,7 @@ class ParquetSink:
         self._entries: list[Entry] = []  # finished requests since the current segment began
         self._segment: journal.Segment | None = None
         self._batches: list[_Batch] = []  # sealed, not yet in Parquet
-        self._backlog = 0  # rows of finished requests not yet in Parquet
+        self._backlog = 0  # rows of finished requests not yet in Parquet, but for recovered ones
         self._oldest: float | None = None
         self._closed = False
         self._journal_dir = None
@@ -151,6 +160,10 @@ class ParquetSink:
         self._thread = threading.Thread(target=self._background, name="softwatch-sink", daemon=True)
         self._thread.start()
         _register(self, flush_on_sigterm)
+
+    def at_flush_point(self, point: str) -> None:
+        """A seam for fault tests: a flush calls it at each of FLUSH_POINTS. Patched on the class,
+        it also sees the flush of recovered segments that starts as the sink is created."""
 
     # ---- adding records -------------------------------------------------------------------
     def write_completion(self, completion: Completion, context: RecordContext, prompt: str | None = None) -> None:
@@ -261,7 +274,8 @@ class ParquetSink:
             self.at_flush_point(table)
         with self._lock:
             self._batches.remove(batch)
-            self._backlog -= batch.rows()
+            if not batch.recovered:
+                self._backlog -= batch.rows()
         if batch.segment is not None:
             batch.segment.release()
         self.at_flush_point("released")
@@ -284,20 +298,9 @@ class ParquetSink:
             _unregister(self)
 
     def _recover(self) -> None:
-        """Take over the journal segments of dead writers; their rows go out with the next flush."""
-        for segment, frames in journal.claim_orphans(self._journal_dir):
-            entries = []
-            for frame in frames:
-                try:
-                    entries.append(decode(frame))
-                except ValueError:
-                    log.exception("softwatch: skipping an unreadable entry of %s", segment.path)
-            log.warning("softwatch: recovering %d records journaled by a writer that died (%s)", len(entries), segment.path)
-            batch = _Batch(segment.name, entries, segment, recovered=True)
-            self._batches.append(batch)
-            self._backlog += batch.rows()
-        if self._batches:
-            self._oldest = time.monotonic()
+        """Take over the journal segments of dead writers: the next flush, due at once, writes them."""
+        for segment in journal.claim_orphans(self._journal_dir):
+            self._batches.append(_Batch(segment.name, None, segment, recovered=True))
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -336,7 +339,7 @@ class ParquetSink:
                 time.sleep(min(self.flush_interval_s, 5.0))
 
     def _due(self) -> bool:
-        if self._pending.full(self.flush_rows):
+        if self._pending.full(self.flush_rows) or any(batch.recovered for batch in self._batches):
             return True
         return self._oldest is not None and time.monotonic() - self._oldest >= self.flush_interval_s
 
@@ -346,23 +349,42 @@ class _Batch:
     """Finished requests that go out together, in files named after the batch (`name`)."""
 
     name: str
-    entries: list[Entry]
+    entries: list[Entry] | None  # None: a recovered segment's, not read yet
     segment: journal.Segment | None  # the journal segment holding them, locked by this process
     recovered: bool = False  # journaled by a writer that died, maybe midway through writing it
     written: set[str] = field(default_factory=set)  # files already in place
 
     def rows(self) -> int:
-        return sum(1 + (len(e.completion.token_ids) if e.tokens_kept else 0) for e in self.entries)
+        return sum(1 + (len(e.completion.token_ids) if e.tokens_kept else 0) for e in self.read())
+
+    def read(self) -> list[Entry]:
+        """The entries; a recovered batch reads them from its segment when first asked."""
+        if self.entries is None:
+            self.entries = _read_segment(self.segment)
+        return self.entries
 
     def tables(self) -> dict[str, pa.Table]:
         """Token rows first: a sequence row in the dataset means its token rows are there too."""
-        if not self.entries:
+        entries = self.read()
+        if not entries:
             return {}
         return {
-            "tokens": token_table([(e.completion, e.context) for e in self.entries if e.tokens_kept]),
+            "tokens": token_table([(e.completion, e.context) for e in entries if e.tokens_kept]),
             "sequences": rows_table([sequence_row(e.completion, e.context, e.tokens_kept, e.prompt)
-                                     for e in self.entries], SCHEMAS["sequences"]),
+                                     for e in entries], SCHEMAS["sequences"]),
         }
+
+
+def _read_segment(segment: journal.Segment) -> list[Entry]:
+    """The entries journaled in a dead writer's segment, but for unreadable ones (logged)."""
+    entries = []
+    for frame in journal.frames(segment):
+        try:
+            entries.append(decode(frame))
+        except ValueError:
+            log.exception("softwatch: skipping an unreadable entry of %s", segment.path)
+    log.warning("softwatch: recovering %d records journaled by a writer that died (%s)", len(entries), segment.path)
+    return entries
 
 
 @dataclass
@@ -560,12 +582,20 @@ def compact(
     say = progress or (lambda message: None)
     with rootlock.exclusive(fs, path) as renew:
         for table in SCHEMAS:
-            base = f"{path}/{table}"
-            infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-            for partition in sorted(i.path for i in infos if i.type == pafs.FileType.Directory):
+            for partition in _partitions(fs, f"{path}/{table}"):
                 _compact_partition(fs, partition, _schema(table), target_bytes, stale_after_s, result, say)
                 renew()
     return result
+
+
+def _partitions(fs: pafs.FileSystem, table_dir: str) -> list[str]:
+    """The partition directories of a table; none while the table has no directory. pyarrow's
+    `allow_not_found` raises when the directory appears while it looks (a writer's first file)."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(table_dir, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    return sorted(i.path for i in infos if i.type == pafs.FileType.Directory)
 
 
 def _compact_partition(fs: pafs.FileSystem, partition: str, schema: pa.Schema, target_bytes: int,

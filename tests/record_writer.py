@@ -69,8 +69,9 @@ elif mode == "kill-at":
     sink.at_flush_point = kill_at(arg)
     sink.flush()
 elif mode == "recover":
+    killing = kill_at(arg)
+    ParquetSink.at_flush_point = lambda self, point: killing(point)  # recovery flushes as the sink starts
     sink = ParquetSink(root, flush_rows=10**9, flush_interval_s=3600)
-    sink.at_flush_point = kill_at(arg)
     sink.flush()
     print("recovered", flush=True)
 elif mode == "full":

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from softwatch.completion import SEED_RANGE
 from softwatch.engine import DecodingParams, Engine, InvalidRequest, StepFailed
 from softwatch.models import tiny_model
 from softwatch.stats import COLUMN
@@ -81,6 +82,13 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny):
     c = Engine(tiny, max_batch=1).generate(PROMPTS[1:2], params)
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert a[1].token_ids == c[0].token_ids
+
+
+@pytest.mark.parametrize("seed", [SEED_RANGE[0], -1, 0, SEED_RANGE[1]])
+def test_every_accepted_seed_samples_the_same_tokens_twice(tiny, seed):
+    params = DecodingParams(temperature=2.0, max_tokens=12, ignore_eos=True, seed=seed)
+    done = run_to_end(Engine(tiny), {"a": ("hello", params), "b": ("hello", params)})
+    assert done["a"].token_ids == done["b"].token_ids
 
 
 def test_stop_strings_eos_and_max_tokens():

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import softwatch
-from softwatch import journal, rootlock
+from softwatch import journal, renames, rootlock
 from softwatch.bench.store import synthetic_completions
+from softwatch.entries import Entry, encode
 from softwatch.records import RecordContext
 from softwatch.recorder import Recorder
 from softwatch.store import FLUSH_POINTS, ParquetSink, RecordNotDurable, Store, compact
@@ -86,10 +87,87 @@ def test_a_locked_segment_is_not_claimed_and_an_unlocked_one_is_claimed_once(tmp
     assert list(journal.claim_orphans(str(tmp_path))) == []  # a separate open: flock conflicts
     held.close()  # its owner dies: the OS drops the lock
     claims = list(journal.claim_orphans(str(tmp_path)))
-    assert [(s.name, frames) for s, frames in claims] == [("live-000000", [b"one"])]
+    assert [(s.name, list(journal.frames(s))) for s in claims] == [("live-000000", [b"one"])]
     assert list(journal.claim_orphans(str(tmp_path))) == []  # held by the first claimant
-    claims[0][0].release()
+    claims[0].release()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-fallback"])
+def test_a_name_already_taken_is_never_replaced(tmp_path, monkeypatch, renameat2):
+    if not renameat2:
+        monkeypatch.setattr(renames, "_renameat2", None)
+    kept = journal.create(str(tmp_path), "w-000000")
+    kept.append(b"kept")
+    kept.close()  # its writer died: a segment to recover
+    with pytest.raises(FileExistsError):
+        journal.create(str(tmp_path), "w-000000")
+    [claimed] = list(journal.claim_orphans(str(tmp_path)))
+    assert list(journal.frames(claimed)) == [b"kept"]
+    claimed.release()
+    assert os.listdir(tmp_path) == []  # nor a segment being created left behind
+    (tmp_path / "new").write_text("new")
+    (tmp_path / "old").write_text("old")
+    with pytest.raises(FileExistsError):
+        renames.rename_noreplace(str(tmp_path / "new"), str(tmp_path / "old"))
+    assert (tmp_path / "old").read_text() == "old" and (tmp_path / "new").read_text() == "new"
+
+
+def test_a_writer_id_given_again_destroys_no_record(tmp_path):
+    """Explicit writer ids repeat across restarts: an earlier run's files, and a dead writer's
+    segment that the next sink recovers while journaling records of its own, keep their rows."""
+    earlier, later = synthetic_completions(2, hours=0.01)
+    with ParquetSink(str(tmp_path), writer="w") as sink:
+        sink.write_completion(earlier, RecordContext())
+    dead = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "hold", "3", "w"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert dead.stdout.readline().strip() == "ready"
+    finally:
+        dead.kill()
+        dead.wait()
+    with ParquetSink(str(tmp_path), writer="w", flush_interval_s=3600) as sink:
+        sink.write_completion(later, RecordContext())
+    answered = {r["request_id"] for r in Store(str(tmp_path)).rows("SELECT DISTINCT request_id FROM sequences")}
+    assert len(answered) == 5 and {earlier.request_id, later.request_id} <= answered
+    assert_exactly_once(tmp_path, answered)
+
+
+def journal_dead_writer_s(root: Path, name: str, completions) -> None:
+    segment = journal.create(str(root / "_journal"), name)
+    for c in completions:
+        segment.append(encode(Entry(c, RecordContext(), True, None)))
+    segment.close()
+
+
+def test_a_recovered_backlog_is_written_at_once_one_segment_at_a_time_and_refuses_no_new_record(tmp_path):
+    """A replica restarting after a crash: the dead writer's backlog, twice the bound, does
+    not count against new records; it goes out without waiting for the flush interval."""
+    bound = 5 * (TOKENS_PER_SEQUENCE + 1)
+    backlog = synthetic_completions(20, hours=0.01)
+    journal_dead_writer_s(tmp_path, "dead-000000", backlog[:10])
+    journal_dead_writer_s(tmp_path, "dead-000001", backlog[10:])
+    blocker = tmp_path / "tokens"
+    blocker.write_text("a file where the tokens directory should be: every flush fails")
+    sink = ParquetSink(str(tmp_path), flush_interval_s=3600, max_pending_rows=bound)
+    deadline = time.time() + 30
+    while sink._batches[0].entries is None and time.time() < deadline:
+        time.sleep(0.05)  # the flush that recovery makes due at once fails on the blocker
+    assert sink._batches[1].entries is None, "a second recovered segment was read before the first was written"
+    accepted, refused = [], []
+    for c in synthetic_completions(7, hours=0.01):
+        try:
+            sink.write_completion(c, RecordContext())
+            accepted.append(c.request_id)
+        except RecordNotDurable:
+            refused.append(c.request_id)
+    assert len(accepted) == 5 and len(refused) == 2  # bounded by new records alone
+    blocker.unlink()
+    deadline = time.time() + 30
+    while not (tmp_path / "sequences").exists() and time.time() < deadline:
+        time.sleep(0.05)  # the background thread retries by itself, long before flush_interval_s
+    assert (tmp_path / "sequences").exists()
+    sink.close()
+    assert_exactly_once(tmp_path, {c.request_id for c in backlog} | set(accepted))
 
 
 def test_recovery_keeps_the_frames_before_a_torn_one(tmp_path):
@@ -99,8 +177,8 @@ def test_recovery_keeps_the_frames_before_a_torn_one(tmp_path):
     with open(segment.path, "ab") as f:
         f.write(b"\x10\x27\x00\x00\x01\x02\x03\x04partial")  # a frame cut by a kill
     segment.close()
-    [(claimed, frames)] = list(journal.claim_orphans(str(tmp_path)))
-    assert frames == [b"a" * 100, b"b" * 5000]
+    [claimed] = list(journal.claim_orphans(str(tmp_path)))
+    assert list(journal.frames(claimed)) == [b"a" * 100, b"b" * 5000]
     claimed.release()
 
 

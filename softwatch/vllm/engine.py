@@ -11,11 +11,13 @@ streamed tokens and their logprobs; the observer gives the statistics.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,9 +27,15 @@ from ..engine import StepFailed
 from ..stats import FIELDS
 from . import engine_kwargs, use_v1_model_runner
 from .handoff import Handoff
-from .requests import REQUEST_ID_KEY, TEMPLATE_KEY
+from .params import sampling_params
+from .requests import REQUEST_ID_KEY, TEMPLATE_KEY, vllm_regime
 from .served import ServedModel, served_model
 from .settings import ObserverSettings
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+
+log = logging.getLogger("softwatch.vllm")
 
 HANDOFF_GRACE_S = 2.0
 """How long after vLLM finished or aborted a request its completion may take to come from the
@@ -60,6 +68,7 @@ class ServedLM:
 @dataclass
 class _Request:
     params: DecodingParams
+    sampling: SamplingParams  # as vLLM decodes it (a temperature below 0.01 raised to 0.01)
     prompt_tokens: int
     on_token: Callable[[int, TokenLogprobs | None], None] | None
     created: float = field(default_factory=time.time)
@@ -112,21 +121,16 @@ class VLLMEngine:
                chat: bool = False, request_id: str | None = None,
                on_token: Callable[[int, TokenLogprobs | None], None] | None = None, fault: str | None = None) -> str:
         """Queue a request; it joins vLLM's batch at the next step. Returns its id."""
-        from vllm import SamplingParams
-
         ids = self.prepare(prompt, params, chat, fault)
         request_id = request_id or f"vllm-req-{len(self._requests)}-{time.monotonic_ns()}"
         if request_id in self._requests:
             raise InvalidRequest("request_id", f"{request_id!r} is already running")
         wants_logprobs = params.logprobs or params.top_logprobs > 0
-        sampling = SamplingParams(
-            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, max_tokens=params.max_tokens,
-            stop=list(params.stop), seed=params.seed, ignore_eos=params.ignore_eos,
-            logprobs=params.top_logprobs if wants_logprobs else None,
-            extra_args={REQUEST_ID_KEY: request_id, TEMPLATE_KEY: params.template_version},
-        )
+        sampling = sampling_params(params, logprobs=params.top_logprobs if wants_logprobs else None,
+                                   extra_args={REQUEST_ID_KEY: request_id, TEMPLATE_KEY: params.template_version})
         self._engine.add_request(request_id, {"prompt_token_ids": ids}, sampling)
-        self._requests[request_id] = _Request(params, len(ids), on_token, logprobs=[] if wants_logprobs else None)
+        self._requests[request_id] = _Request(params, sampling, len(ids), on_token,
+                                               logprobs=[] if wants_logprobs else None)
         return request_id
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> Completion | None:
@@ -161,6 +165,7 @@ class VLLMEngine:
                 self._emit(output)
         except Exception as exc:  # noqa: BLE001 - the step failed: so did every request it held
             failed = [self._bare(rid, self._requests.pop(rid), "error") for rid in list(self._requests)]
+            self._abort([c.request_id for c in failed])
             raise StepFailed(failed, exc) from exc
         if not self.observe:
             return self._overdue(grace_s=0.0)
@@ -170,6 +175,14 @@ class VLLMEngine:
         if not done and not busy:
             time.sleep(0.01)  # waiting for the observer's watcher to release an aborted request
         return done
+
+    def _abort(self, request_ids: list[str]) -> None:
+        """Abort requests in vLLM after a failed step: until then vLLM holds them (their KV cache,
+        their place in the batch) and would run them again at the next step."""
+        try:
+            self._engine.abort_request(request_ids)
+        except Exception:  # noqa: BLE001 - the StepFailed being raised says what failed
+            log.exception("softwatch: aborting %d requests in vLLM after a failed step failed too", len(request_ids))
 
     def _emit(self, output) -> None:
         request = self._requests.get(output.request_id)
@@ -220,7 +233,7 @@ class VLLMEngine:
         """A completion the observer did not give: the tokens this side saw, their statistics
         unknown (NaN rows, as the observer leaves a position it never observed), or none at all
         without the observer."""
-        regime = request.params.regime(self.lm.model_id, self.lm.model_rev)
+        regime = vllm_regime(request.sampling, self.lm.model_id, self.lm.model_rev, request.params.template_version)
         rows = torch.full((len(request.token_ids), len(FIELDS)), float("nan")) if stats else None
         c = Completion(request_id=rid, text="", token_ids=list(request.token_ids), prompt_tokens=0,
                        finish_reason=finish_reason, stats=rows, summary={**summarize(rows), "finish_reason": finish_reason,

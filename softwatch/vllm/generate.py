@@ -11,19 +11,12 @@ import uuid
 from ..completion import DecodingParams
 from ..records import SUMMARY_FIELDS
 from ..stats import FIELDS
+from .params import sampling_params
 from .settings import ObserverSettings
 
 SUMMARY_KEYS = (*SUMMARY_FIELDS, "nonfinite", "overflow", "prompt_tokens", "generated_tokens", "finish_reason",
                 "ttft_s", "latency_s")
 REGIME_KEYS = ("model_id", "model_rev", "params_id", "temperature", "top_p", "top_k", "template_version")
-
-
-def sampling_params(params: DecodingParams):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                          max_tokens=params.max_tokens, seed=params.seed, stop=list(params.stop) or None,
-                          ignore_eos=params.ignore_eos)
 
 
 def generate(prompt: str, params: DecodingParams, *, model: str, chat: bool = False, data: str | None = None,

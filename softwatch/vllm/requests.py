@@ -38,7 +38,7 @@ class TrackedRequest:
 
     @property
     def temperature(self) -> float:
-        return self.params.temperature if self.params.temperature >= GREEDY_BELOW else 0.0
+        return decoded_temperature(self.params)
 
     @property
     def argmax_decoded(self) -> bool:
@@ -82,15 +82,7 @@ class TrackedRequest:
         return completion, prompt
 
     def regime(self, settings: ObserverSettings) -> dict:
-        extra = self.params.extra_args or {}
-        decoding = DecodingParams(temperature=self.temperature, top_p=self.params.top_p,
-                                  top_k=max(self.params.top_k, 0),
-                                  template_version=str(extra.get(TEMPLATE_KEY, settings.template_version)))
-        named = decoding.regime_params()
-        options = {k: getattr(self.params, k) for k, neutral in VLLM_REGIME_OPTIONS.items()
-                   if getattr(self.params, k) != neutral}
-        return {"model_id": self.model.model_id, "model_rev": self.model.model_rev,
-                "params_id": params_id({**named, **options}), **named}
+        return vllm_regime(self.params, self.model.model_id, self.model.model_rev, settings.template_version)
 
     def _finish_reason(self, tokens: list[int]) -> tuple[str, int]:
         """Why the request is done, and how many of its tokens its answer holds. vLLM ends a
@@ -112,6 +104,24 @@ class TrackedRequest:
         if n >= max_tokens or len(self.prompt or ()) + n >= self.model.max_model_len:
             return "length", n
         return "cancelled", n
+
+
+def decoded_temperature(params) -> float:
+    """The temperature vLLM samples a request's tokens at: 0 (greedy) below GREEDY_BELOW. It
+    reads `params` (vLLM's SamplingParams) after they raised a temperature in (0, 0.01) to 0.01."""
+    return params.temperature if params.temperature >= GREEDY_BELOW else 0.0
+
+
+def vllm_regime(params, model_id: str, model_rev: str, template_version: str) -> dict:
+    """The regime of a request vLLM decodes with `params` (its SamplingParams): the decoding vLLM
+    does, so that requests decoded alike share it (the temperatures below 0.01 that vLLM raises
+    to 0.01 are 0.01 here), and the template version its tag names, else `template_version`."""
+    extra = params.extra_args or {}
+    decoding = DecodingParams(temperature=decoded_temperature(params), top_p=params.top_p, top_k=max(params.top_k, 0),
+                              template_version=str(extra.get(TEMPLATE_KEY, template_version)))
+    named = decoding.regime_params()
+    options = {k: getattr(params, k) for k, neutral in VLLM_REGIME_OPTIONS.items() if getattr(params, k) != neutral}
+    return {"model_id": model_id, "model_rev": model_rev, "params_id": params_id({**named, **options}), **named}
 
 
 def _stop_string_end(tokenizer, tokens: list[int], stop: str | list[str], skip_special: bool,
