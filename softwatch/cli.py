@@ -463,8 +463,13 @@ def _bench_services(model: str, variants: list[str]):
             deploy(apps, port=port)
             yield {v: f"http://127.0.0.1:{port}/{v}" for v in variants}
         finally:
-            ray_serve.shutdown()
-            ray.shutdown()
+            # Deleting the apps drains their replicas; stopping Serve's controller makes Ray print
+            # task errors onto stdout, where --json output goes.
+            try:
+                for v in variants:
+                    ray_serve.delete(v)
+            finally:
+                ray.shutdown()
 
 
 def serve_table(result: dict) -> str:
