@@ -100,8 +100,9 @@ class LLMServer:
 
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, spec: dict):
-        """Events of one sequence: {"type": "token", ...} while it runs (when streaming), then
-        {"type": "done", ...} or {"type": "error", ...}."""
+        """Events of one sequence: {"type": "admitted"} once the engine took it, {"type": "token", ...}
+        while it runs (when streaming), then {"type": "done", ...} or {"type": "error", ...}; a
+        sequence refused before the engine took it has only the error."""
         if self._stopping:
             yield {"type": "error", "status": 503, "param": None, "message": "the replica is shutting down"}
             return
@@ -148,7 +149,9 @@ class LLMServer:
                     self._inbox.put(("cancel", rid, "timeout"))
                     yield await self._timed_out(events)
                     return
-                if event[0] == "token":
+                if event[0] == "admitted":
+                    yield {"type": "admitted"}
+                elif event[0] == "token":
                     yield {"type": "token", "text": text.push(event[1]),
                            "logprobs": _logprobs(self.lm.tokenizer, event[2], event[1])}
                 elif event[0] == "error":
@@ -240,6 +243,7 @@ class LLMServer:
             return
         callers[rid] = put
         prompts[rid] = prompt
+        put(("admitted",))
 
     def _finish(self, c: Completion, callers: dict, prompts: dict, error: tuple | None = None) -> None:
         """Record a request that left the engine, then answer its caller (if it still listens)."""
