@@ -293,22 +293,24 @@ class _TextStream:
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.tokens: list[int] = []
         # tokens[prefix_offset:read_offset] are decoded again as context of the new ones (a
-        # tokenizer may render a token differently at the start of a text); text is tokens[:read_offset]
+        # tokenizer may render a token differently at the start of a text); the text of
+        # tokens[:read_offset] is what was sent (sent_chars long), then `unsent`
         self.prefix_offset = self.read_offset = 0
-        self.text = ""
         self.sent_chars = 0
+        self.unsent = ""
         self.stopped = False
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
         if self.stopped:
             return ""
-        checked = len(self.text) - self.holdback  # a stop string not seen yet ends in the new text
-        self.text += self._new_text()
-        if any(s in self.text[max(checked, 0):] for s in self.stop):
+        searched = max(len(self.unsent) - self.holdback, 0)  # a stop string not seen yet ends in the new text
+        self.unsent += self._new_text()
+        if any(s in self.unsent[searched:] for s in self.stop):
             self.stopped = True  # the sequence ends here; its final text comes with "done"
             return ""
-        delta = self.text[self.sent_chars:max(len(self.text) - self.holdback, self.sent_chars)]
+        cut = max(len(self.unsent) - self.holdback, 0)
+        delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
         self.sent_chars += len(delta)
         return delta
 
