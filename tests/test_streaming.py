@@ -96,11 +96,13 @@ def refused(status: int, param: str | None = None) -> dict:
 
 class ScriptedLLM:
     """The LLM deployment's handle: choice i's call plays scripts[i] (events; a number waits that
-    many seconds; an exception is raised). Records which calls were cancelled."""
+    many seconds; an exception is raised). Records which calls were cancelled: like Serve's, a call
+    cancelled before its first event may have reached its replica and run on regardless."""
 
     def __init__(self, scripts: dict[int, list]):
         self.scripts = scripts
         self.cancelled: list[int] = []
+        self.cancelled_unheard: list[int] = []
 
     def options(self, stream: bool):
         return self
@@ -116,6 +118,7 @@ class ScriptedLLM:
 class ScriptedCall:
     def __init__(self, llm: ScriptedLLM, index: int):
         self.llm, self.index = llm, index
+        self.heard = False
 
     async def __aiter__(self):
         for step in self.llm.scripts[self.index]:
@@ -124,10 +127,11 @@ class ScriptedCall:
             if isinstance(step, float):
                 await asyncio.sleep(step)
             else:
+                self.heard = True
                 yield step
 
     def cancel(self) -> None:
-        self.llm.cancelled.append(self.index)
+        (self.llm.cancelled if self.heard else self.llm.cancelled_unheard).append(self.index)
 
 
 def ingress(llm: ScriptedLLM):
@@ -173,6 +177,21 @@ def test_a_choice_refused_after_its_siblings_started_is_the_status_of_the_whole_
     error = asyncio.run(answer())
     assert error.status == status
     assert sorted(llm.cancelled) == [0, 1]  # the admitted siblings stop (their records: cancelled)
+
+
+def test_a_refusal_before_a_siblings_admission_waits_to_cancel_it_where_it_runs():
+    from softwatch.serve.ingress import ApiError
+
+    llm = ScriptedLLM({0: [0.05, ADMITTED, LONG_WAIT], 1: [refused(400, "max_tokens")]})
+
+    async def answer():
+        with pytest.raises(ApiError) as refusal_raised:
+            await asyncio.wait_for(completions(llm, ["p0", "p1"], stream=True), 5)
+        await settle()
+        return refusal_raised.value
+
+    assert asyncio.run(answer()).status == 400
+    assert llm.cancelled == [0] and llm.cancelled_unheard == []
 
 
 def test_tokens_that_come_while_siblings_are_admitted_are_all_streamed():

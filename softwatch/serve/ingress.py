@@ -264,6 +264,7 @@ class _Choices:
 
     def __init__(self, streams: dict[int, AsyncIterator[dict]]):
         self._merged: asyncio.Queue = asyncio.Queue()
+        self._indices = set(streams)
         self._tasks = [asyncio.create_task(self._pump(index, stream)) for index, stream in streams.items()]
         self._running = len(streams)
         self._early: list[tuple[int, dict]] = []  # events of admitted choices while the others are awaited
@@ -273,17 +274,18 @@ class _Choices:
             await self._merged.put((index, event))
 
     async def admission(self) -> dict | None:
-        """Waits until every choice is admitted; returns the first failure instead, if any."""
-        waiting = len(self._tasks)
-        while waiting:
+        """Waits until every choice is admitted or refused; returns the first failure, if any.
+        Even after a refusal it waits for the others: a call cancelled before its replica answered
+        may run on regardless (Serve may have sent it), one cancelled after is stopped and recorded."""
+        unheard, failure = set(self._indices), None
+        while unheard:
             index, event = await self._next()
+            unheard.discard(index)
             if _failed(event):
-                return event
-            if event["type"] == "admitted":
-                waiting -= 1
-            else:
+                failure = failure or event
+            elif event["type"] != "admitted":
                 self._early.append((index, event))
-        return None
+        return failure
 
     async def events(self) -> AsyncIterator[tuple[int, dict]]:
         """(index, event) of every choice after admission, until each is done or failed."""
