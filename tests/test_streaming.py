@@ -208,6 +208,14 @@ def test_tokens_that_come_while_siblings_are_admitted_are_all_streamed():
     assert text == {0: "abc", 1: "xy"} and llm.cancelled == []
 
 
+def test_an_answer_names_its_choices_records_in_choice_order_whatever_order_they_finished_in():
+    llm = ScriptedLLM({0: [ADMITTED, 0.1, done("r0", "a")], 1: [ADMITTED, 0.05, done("r1", "b")],
+                       2: [ADMITTED, done("r2", "c")]})
+    answer = asyncio.run(completions(llm, ["p"], n=3))
+    assert [c["text"] for c in answer["choices"]] == ["a", "b", "c"]
+    assert answer["softwatch"]["request_ids"] == ["r0", "r1", "r2"]
+
+
 @pytest.mark.parametrize("failure", [refused(500), done("r0", finish_reason="error"), RuntimeError("replica died")])
 def test_a_failure_after_the_stream_started_ends_it_with_an_error_event_and_no_done(failure):
     llm = ScriptedLLM({0: [ADMITTED, token("a"), 0.05, failure], 1: [ADMITTED, token("x"), LONG_WAIT]})

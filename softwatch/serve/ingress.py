@@ -472,7 +472,7 @@ class Ingress:
                 raise _failure(event)
             if event["type"] == "done":
                 results.append({**event, "index": index})
-        return _response(results, rid, model, chat, body.n)
+        return _response(sorted(results, key=lambda r: r["index"]), rid, model, chat, body.n)
 
     async def _admit(self, calls: list[dict]) -> _Choices:
         """The request's choices once every one is admitted: a choice refused (a 4xx, or a 503 at
