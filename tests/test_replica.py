@@ -70,8 +70,9 @@ def test_a_failing_engine_fails_its_requests_with_records_and_turns_the_replica_
 
     def watch(event):
         nonlocal repair
-        streamed.append(event)
-        if len(streamed) == 3:  # the batch is mid-decode: the next step fails for real
+        if event["type"] == "token":
+            streamed.append(event)
+        if len(streamed) == 3 and repair is None:  # the batch is mid-decode: the next step fails for real
             repair = break_attention(server.lm)
 
     (mid,) = gather(ask(server, "mid", stream=True, on_event=watch, **LONG))

@@ -56,12 +56,10 @@ def internal_error(detail: str) -> ApiError:
                     "the service logs)", kind="server_error", error_id=error_id)
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class _LimitBody:
-    """Refuses request bodies over MAX_BODY_BYTES, declared or streamed, before they are parsed."""
+    """Refuses request bodies over MAX_BODY_BYTES, declared or streamed (chunked), with a 413
+    before they are parsed. The body is read here, so the limit is this middleware's answer, not
+    an exception inside the route's body parsing (FastAPI turns those into a 400)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -72,17 +70,39 @@ class _LimitBody:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
             return await _too_large()(scope, receive, send)
-        received = 0
+        body = await _read_body(receive)
+        if body is None:
+            return await _too_large()(scope, receive, send)
+        await self.inner(scope, _replay(body, receive), send)
 
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > MAX_BODY_BYTES:
-                raise BodyTooLarge()
-            return message
 
-        await self.inner(scope, limited_receive, send)
+async def _read_body(receive) -> bytes | None:
+    """The whole request body; None once it exceeds MAX_BODY_BYTES."""
+    parts, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: its answer goes nowhere
+            break
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > MAX_BODY_BYTES:
+            return None
+        more = message.get("more_body", False)
+    return b"".join(parts)
+
+
+def _replay(body: bytes, receive):
+    """receive() for the app: the body read, then the client's own messages (a disconnect)."""
+    replayed = False
+
+    async def replay_receive():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay_receive
 
 
 def _route(scope: dict) -> str:
@@ -113,11 +133,6 @@ app.add_middleware(_RequireKey)  # added last, runs first: no body is read for a
 
 def _too_large() -> JSONResponse:
     return JSONResponse(error_body(f"the request body exceeds {MAX_BODY_BYTES} bytes"), status_code=413)
-
-
-@app.exception_handler(BodyTooLarge)
-async def _body_too_large(request: Request, exc: BodyTooLarge):
-    return _too_large()
 
 
 @app.exception_handler(ApiError)
@@ -243,8 +258,61 @@ def _response(results: list[dict], rid: str, model: str, chat: bool, n: int) -> 
             "softwatch": {"regime": regime, "request_ids": [r["request_id"] for r in results]}}
 
 
-async def _chunks(head, events, rid: str, model: str, fingerprint: str, chat: bool, n: int,
+class _Choices:
+    """The choices of one request, each a stream of the LLM deployment's events, merged as they
+    come. Each choice's stream starts with "admitted" (the replica's engine took it) or a failure."""
+
+    def __init__(self, streams: dict[int, AsyncIterator[dict]]):
+        self._merged: asyncio.Queue = asyncio.Queue()
+        self._indices = set(streams)
+        self._tasks = [asyncio.create_task(self._pump(index, stream)) for index, stream in streams.items()]
+        self._running = len(streams)
+        self._early: list[tuple[int, dict]] = []  # events of admitted choices while the others are awaited
+
+    async def _pump(self, index: int, stream: AsyncIterator[dict]) -> None:
+        async for event in stream:
+            await self._merged.put((index, event))
+
+    async def admission(self) -> dict | None:
+        """Waits until every choice is admitted or refused; returns the first failure, if any.
+        Even after a refusal it waits for the others: a call cancelled before its replica answered
+        may run on regardless (Serve may have sent it), one cancelled after is stopped and recorded."""
+        unheard, failure = set(self._indices), None
+        while unheard:
+            index, event = await self._next()
+            unheard.discard(index)
+            if _failed(event):
+                failure = failure or event
+            elif event["type"] != "admitted":
+                self._early.append((index, event))
+        return failure
+
+    async def events(self) -> AsyncIterator[tuple[int, dict]]:
+        """(index, event) of every choice after admission, until each is done or failed."""
+        try:
+            for item in self._early:
+                yield item
+            while self._running:
+                yield await self._next()
+        finally:  # the client went away, or the request failed
+            self.cancel()
+
+    async def _next(self) -> tuple[int, dict]:
+        index, event = await self._merged.get()
+        if event["type"] in ("done", "error"):
+            self._running -= 1
+        return index, event
+
+    def cancel(self) -> None:
+        """Stop every choice still running in the LLM deployment."""
+        for task in self._tasks:
+            task.cancel()
+
+
+async def _chunks(choices: _Choices, rid: str, model: str, fingerprint: str, chat: bool, n: int,
                   include_usage: bool) -> AsyncIterator[dict]:
+    """The stream's chunks; a choice that fails ends it with an error chunk (its siblings are
+    cancelled): a client must not read the rest as a success."""
     created, done = now(), []
     started: set[int] = set()
     offsets: dict[int, int] = {}  # completions: where the next token's text starts in the choice's text
@@ -275,15 +343,12 @@ async def _chunks(head, events, rid: str, model: str, fingerprint: str, chat: bo
         previous, held[index] = held.pop(index, None), entry
         return [previous] if previous else []
 
-    async def all_events():
-        yield head
-        async for item in events:
-            yield item
-
-    async for index, event in all_events():
+    async for index, event in choices.events():
         if _failed(event):
+            choices.cancel()
             yield _failure(event).body()
-        elif event["type"] == "token":
+            return
+        if event["type"] == "token":
             entries = token_entries(index, event["logprobs"])
             if event["text"] or entries:
                 yield chunk(index, event["text"], entries, None)
@@ -303,6 +368,8 @@ async def _chunks(head, events, rid: str, model: str, fingerprint: str, chat: bo
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     async for c in chunks:
         yield f"data: {json.dumps(c)}\n\n"
+        if "error" in c:  # no [DONE]: it would claim the stream succeeded
+            return
     yield "data: [DONE]\n\n"
 
 
@@ -392,63 +459,54 @@ class Ingress:
                 calls.append({**spec, "params": params, "request_id": new_id("seq"), "stream": body.stream,
                               "stats": stats, "index": p * body.n + i, "fault": fault})
         rid = new_id("chatcmpl" if chat else "cmpl")
+        choices = await self._admit(calls)
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
             fingerprint = (await self._model())["model_rev"]
-            first = self._events(calls)
-            head = await first.__anext__()  # an invalid request fails before the stream starts
-            if _failed(head[1]):
-                await first.aclose()
-                raise _failure(head[1])
-            return StreamingResponse(_sse(_chunks(head, first, rid, model, fingerprint, chat, body.n, usage)),
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(_chunks(choices, rid, model, fingerprint, chat, body.n, usage)),
                                      media_type="text/event-stream")
-        results = await asyncio.gather(*(self._collect(call) for call in calls))
-        for r in results:
-            if _failed(r):
-                raise _failure(r)
-        return _response(results, rid, model, chat, body.n)
+        results = []
+        async for index, event in choices.events():
+            if _failed(event):
+                choices.cancel()
+                raise _failure(event)
+            if event["type"] == "done":
+                results.append({**event, "index": index})
+        return _response(sorted(results, key=lambda r: r["index"]), rid, model, chat, body.n)
 
-    async def _collect(self, call: dict) -> dict:
-        async for event in self._generate(call):
-            if event["type"] in ("done", "error"):
-                return {**event, "index": call["index"]}
-        return _lost(call)
+    async def _admit(self, calls: list[dict]) -> _Choices:
+        """The request's choices once every one is admitted: a choice refused (a 4xx, or a 503 at
+        capacity) is the status of the whole request, before any of it is answered, and its
+        admitted siblings are cancelled (recorded as such)."""
+        choices = _Choices({call["index"]: self._generate(call) for call in calls})
+        refused = await choices.admission()
+        if refused is not None:
+            choices.cancel()
+            raise _failure(refused)
+        return choices
 
     async def _generate(self, call: dict) -> AsyncIterator[dict]:
-        """The LLM deployment's events of one choice; a call that raises (a replica that died,
-        a decode that failed) ends with a 500 error event, its exception kept for the logs."""
+        """The LLM deployment's events of one choice, ending with "done" or "error": a call that
+        raises (a replica that died, a decode that failed) or ends without an answer ends with a
+        500 error event, its exception kept for the logs. Cancelled, it cancels the call."""
+        response = self.llm.options(stream=True).generate.remote(call)
         try:
-            async for event in self.llm.options(stream=True).generate.remote(call):
+            async for event in response:
                 yield event
+                if event["type"] in ("done", "error"):
+                    return
         except BackPressureError as exc:  # the LLM deployment's queue is full: shed the load
             yield {"type": "error", "status": 503, "param": None, "retry_after_s": exc.retry_after_s or RETRY_AFTER_S,
                    "message": "the service is at capacity; retry later"}
+            return
+        except asyncio.CancelledError:
+            response.cancel()  # the replica cancels the sequence and records it "cancelled"
+            raise
         except Exception as exc:  # noqa: BLE001
             log.warning("softwatch: %s failed in the LLM deployment", call["request_id"], exc_info=True)
             yield {"type": "error", "status": 500, "param": None, "message": f"{type(exc).__name__}: {exc}"}
-
-    async def _events(self, calls: list[dict]) -> AsyncIterator[tuple[int, dict]]:
-        """Events of every choice, merged as they come."""
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(call):
-            async for event in self._generate(call):
-                await merged.put((call["index"], event))
-                if event["type"] in ("done", "error"):
-                    return
-            await merged.put((call["index"], _lost(call)))
-
-        tasks = [asyncio.create_task(pump(call)) for call in calls]
-        left = len(calls)
-        try:
-            while left:
-                index, event = await merged.get()
-                if event["type"] in ("done", "error"):
-                    left -= 1
-                yield index, event
-        finally:
-            for t in tasks:
-                t.cancel()
+            return
+        yield _lost(call)
 
 
 def _lost(call: dict) -> dict:

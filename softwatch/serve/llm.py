@@ -100,8 +100,9 @@ class LLMServer:
 
     # ---- requests -------------------------------------------------------------------------
     async def generate(self, spec: dict):
-        """Events of one sequence: {"type": "token", ...} while it runs (when streaming), then
-        {"type": "done", ...} or {"type": "error", ...}."""
+        """Events of one sequence: {"type": "admitted"} once the engine took it, {"type": "token", ...}
+        while it runs (when streaming), then {"type": "done", ...} or {"type": "error", ...}; a
+        sequence refused before the engine took it has only the error."""
         if self._stopping:
             yield {"type": "error", "status": 503, "param": None, "message": "the replica is shutting down"}
             return
@@ -148,7 +149,9 @@ class LLMServer:
                     self._inbox.put(("cancel", rid, "timeout"))
                     yield await self._timed_out(events)
                     return
-                if event[0] == "token":
+                if event[0] == "admitted":
+                    yield {"type": "admitted"}
+                elif event[0] == "token":
                     yield {"type": "token", "text": text.push(event[1]),
                            "logprobs": _logprobs(self.lm.tokenizer, event[2], event[1])}
                 elif event[0] == "error":
@@ -157,7 +160,7 @@ class LLMServer:
                     return
                 else:
                     finished = True
-                    yield {"type": "done", "rest": event[1].text[len(text.sent):], **self._result(event[1], spec)}
+                    yield {"type": "done", "rest": event[1].text[text.sent_chars:], **self._result(event[1], spec)}
                     return
         finally:
             if not finished:  # the client went away: stop decoding for it
@@ -240,6 +243,7 @@ class LLMServer:
             return
         callers[rid] = put
         prompts[rid] = prompt
+        put(("admitted",))
 
     def _finish(self, c: Completion, callers: dict, prompts: dict, error: tuple | None = None) -> None:
         """Record a request that left the engine, then answer its caller (if it still listens)."""
@@ -279,25 +283,45 @@ class LLMServer:
 
 
 class _TextStream:
-    """Text deltas of a streamed sequence. Holds back what could still become a stop string
-    (the final text is cut before it) and a trailing partial UTF-8 character."""
+    """Text deltas of a streamed sequence, decoded incrementally: each token decodes only a short
+    window of recent ids (the way vLLM's and HF's incremental detokenizers do), so a long output
+    costs the event loop the same per token as a short one. Holds back an incomplete UTF-8
+    character, and what could still become a stop string (the final text is cut before it)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.tokens: list[int] = []
-        self.sent = ""
+        # tokens[prefix_offset:read_offset] are decoded again as context of the new ones (a
+        # tokenizer may render a token differently at the start of a text); the text of
+        # tokens[:read_offset] is what was sent (sent_chars long), then `unsent`
+        self.prefix_offset = self.read_offset = 0
+        self.sent_chars = 0
+        self.unsent = ""
+        self.stopped = False
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if any(s in text for s in self.stop):
-            return ""  # the sequence ends here; its final text comes with "done"
-        safe = text[: len(text) - self.holdback].rstrip("\ufffd")
-        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+        if self.stopped:
             return ""
-        delta, self.sent = safe[len(self.sent):], safe
+        searched = max(len(self.unsent) - self.holdback, 0)  # a stop string not seen yet ends in the new text
+        self.unsent += self._new_text()
+        if any(s in self.unsent[searched:] for s in self.stop):
+            self.stopped = True  # the sequence ends here; its final text comes with "done"
+            return ""
+        cut = max(len(self.unsent) - self.holdback, 0)
+        delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
+        self.sent_chars += len(delta)
         return delta
+
+    def _new_text(self) -> str:
+        """The text the tokens after read_offset add, once it ends in a complete character."""
+        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=True)
+        if len(window) <= len(prefix) or window.endswith("\ufffd"):
+            return ""  # a partial UTF-8 character (or a skipped special token): wait for more
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        return window[len(prefix):]
 
 
 def _sender(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[tuple], None]:
