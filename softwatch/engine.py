@@ -27,6 +27,7 @@ from .admission import PromptLimits
 from .completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, summarize
 from .host import keep_freed_memory
 from .models import LoadedModel
+from .detokenize import IncrementalText
 from .sampling import NONFINITE_FILL, RowParams, keep_min_logit, sample, sanitize
 from .stats import COLUMN, FIELDS, softmax_stats
 
@@ -42,6 +43,8 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     text: str | None = None  # set when a stop string cut it
+    decoded: IncrementalText | None = None  # with stop strings: text_so_far, searched as it grows
+    text_so_far: str = ""
     on_token: Callable[[int, TokenLogprobs | None], None] | None = None
     logprobs: list[TokenLogprobs] | None = None
     fault: str | None = None  # an injected logit fault (FAULTS), tests and drills only
@@ -311,15 +314,24 @@ class Engine:
         seq.generated.append(token)
         if token in self._eos and not seq.params.ignore_eos:
             return "stop"
-        if seq.params.stop:
-            text = self.lm.tokenizer.decode(seq.generated, skip_special_tokens=True)
-            cut = min((text.find(s) for s in seq.params.stop if s in text), default=-1)
-            if cut >= 0:
-                seq.text = text[:cut]
-                return "stop"
+        if seq.params.stop and self._stop_string_ends(seq, token):
+            return "stop"
         if len(seq.generated) >= seq.params.max_tokens:
             return "length"
         return None
+
+    def _stop_string_ends(self, seq: _Sequence, token: int) -> bool:
+        """Does the text now hold a stop string? Then seq.text is cut before the first one. Only
+        the new text (and the end of the old that a stop string could span) is searched."""
+        if seq.decoded is None:
+            seq.decoded = IncrementalText(self.lm.tokenizer)
+        searched = max(len(seq.text_so_far) - max(map(len, seq.params.stop)) + 1, 0)
+        seq.text_so_far += seq.decoded.push(token)
+        tail = seq.text_so_far[searched:]
+        found = [tail.find(s) for s in seq.params.stop if s in tail]
+        if found:
+            seq.text = seq.text_so_far[:searched + min(found)]
+        return bool(found)
 
     # ---- batch bookkeeping ----------------------------------------------------------------
     def _retire(self, finished: list[tuple[int, str]]) -> list[Completion]:

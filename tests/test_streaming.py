@@ -274,3 +274,22 @@ def test_a_chunked_body_over_the_limit_is_a_413_and_one_within_it_is_served(serv
     assert over.status_code == 413 and str(MAX_BODY_BYTES) in over.json()["error"]["message"]
     within = httpx.post(url, content=chunked(100), headers=HEADERS, timeout=60)
     assert within.status_code == 200 and within.json()["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("stop", ["日本語", "🎉", "The end", "."])
+def test_the_engine_cuts_at_the_first_stop_string_decoding_a_window_per_token(smollm2, stop):
+    """The engine's stop-string check sees the same text as a full decode, and decodes only a
+    window of recent ids per token."""
+    from softwatch.completion import DecodingParams
+    from softwatch.engine import Engine, _Sequence
+
+    tokenizer = CountingTokenizer(smollm2.tokenizer)
+    engine = Engine.__new__(Engine)  # the check needs the tokenizer only
+    engine.lm, engine._eos = type("LM", (), {"tokenizer": tokenizer})(), set()
+    ids = smollm2.tokenizer.encode(MULTIBYTE * 20, add_special_tokens=False)
+    seq = _Sequence("r", [], DecodingParams(max_tokens=10**6, stop=(stop, "never there")), 0, 0.0, 0.0)
+    ended = next(i for i, token in enumerate(ids) if engine._stop_reason(seq, token) == "stop")
+    full = smollm2.tokenizer.decode(ids[:ended + 1], skip_special_tokens=True)
+    assert stop in full and stop not in smollm2.tokenizer.decode(ids[:ended], skip_special_tokens=True)
+    assert seq.text == full[:full.index(stop)]
+    assert max(tokenizer.decoded_lengths) <= 8

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from ray import serve
 
 from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs
+from ..detokenize import IncrementalText
 from ..engine import Engine, StepFailed
 from ..models import load_model
 from ..recorder import Recorder
@@ -283,29 +284,22 @@ class LLMServer:
 
 
 class _TextStream:
-    """Text deltas of a streamed sequence, decoded incrementally: each token decodes only a short
-    window of recent ids (the way vLLM's and HF's incremental detokenizers do), so a long output
-    costs the event loop the same per token as a short one. Holds back an incomplete UTF-8
-    character, and what could still become a stop string (the final text is cut before it)."""
+    """Text deltas of a streamed sequence, decoded incrementally (detokenize.IncrementalText).
+    Holds back what could still become a stop string (the final text is cut before it)."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.tokenizer, self.stop = tokenizer, stop
+        self.text = IncrementalText(tokenizer)
+        self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.tokens: list[int] = []
-        # tokens[prefix_offset:read_offset] are decoded again as context of the new ones (a
-        # tokenizer may render a token differently at the start of a text); the text of
-        # tokens[:read_offset] is what was sent (sent_chars long), then `unsent`
-        self.prefix_offset = self.read_offset = 0
         self.sent_chars = 0
         self.unsent = ""
         self.stopped = False
 
     def push(self, token: int) -> str:
-        self.tokens.append(token)
         if self.stopped:
             return ""
         searched = max(len(self.unsent) - self.holdback, 0)  # a stop string not seen yet ends in the new text
-        self.unsent += self._new_text()
+        self.unsent += self.text.push(token)
         if any(s in self.unsent[searched:] for s in self.stop):
             self.stopped = True  # the sequence ends here; its final text comes with "done"
             return ""
@@ -313,15 +307,6 @@ class _TextStream:
         delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
         self.sent_chars += len(delta)
         return delta
-
-    def _new_text(self) -> str:
-        """The text the tokens after read_offset add, once it ends in a complete character."""
-        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=True)
-        window = self.tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=True)
-        if len(window) <= len(prefix) or window.endswith("\ufffd"):
-            return ""  # a partial UTF-8 character (or a skipped special token): wait for more
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-        return window[len(prefix):]
 
 
 def _sender(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[tuple], None]:
