@@ -2,6 +2,9 @@
 `openai` client: every choice has its record, the records' statistics equal a float64
 recomputation, a config push starts a new regime, and concurrent clients are recorded once each."""
 
+import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 from softwatch.admission import PromptLimits
+from softwatch.prompts import prompt_set
 from softwatch.serve.app import run
 from softwatch.stats import FIELDS
 from softwatch.store import Store, wait_for_records
@@ -97,3 +101,32 @@ def test_a_config_push_is_a_new_regime_and_concurrent_clients_are_recorded_once(
     assert {r["temperature"] for r in rows} == {1.3}
     old = before.model_extra["softwatch"]["regime"]["params_id"]
     assert {r["params_id"] for r in rows} != {old}
+
+
+def test_a_temperature_push_from_0_3_to_1_3_is_reported_as_drift(vllm_service, client):
+    """The issue's must-show: 110 served requests at T 0.3, then a config push and 110 at T 1.3;
+    `softwatch drift` compares the newest regime with the one before it and says drift."""
+    prompts = prompt_set()
+
+    def ask(i: int) -> tuple[str, str]:
+        r = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24)
+        return r.model_extra["softwatch"]["request_ids"][0], r.model_extra["softwatch"]["regime"]["params_id"]
+
+    params_ids, answered = [], []
+    for temperature in (0.3, 1.3):
+        run({**vllm_service["args"], "defaults": {**DEFAULTS, "temperature": temperature}}, port=vllm_service["port"])
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(ask, range(110)))
+        answered += [request_id for request_id, _ in replies]
+        params_ids.append({params_id for _, params_id in replies})
+    assert all(len(ids) == 1 for ids in params_ids) and params_ids[0] != params_ids[1]
+    wait_for_records(vllm_service["data"], answered, timeout_s=60)
+    out = subprocess.run([sys.executable, "-m", "softwatch.cli", "drift", "--data", vllm_service["data"], "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    (before,), (after,) = params_ids
+    assert {(r["baseline_regime"].endswith(f"/{before}"), r["current_regime"].endswith(f"/{after}"))
+            for r in report["rows"]} == {(True, True)}
+    assert min(min(r["n_baseline"], r["n_current"]) for r in report["rows"]) >= 100  # the monitor's min_sequences
+    assert report["verdict"] == "drift", report["rows"]
