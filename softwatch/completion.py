@@ -104,6 +104,15 @@ def params_id(regime_params: dict) -> str:
     return hashlib.blake2b(blob, digest_size=4).hexdigest()
 
 
+def prompt_key(token_ids: list[int]) -> str:
+    """A short hash naming a prompt by its token ids (never its text): sequences that share
+    it are one cluster for the drift tests. Unsalted, so whoever guesses a prompt (and the
+    tokenizer) can confirm it was sent; a key is 64 bits, so distinct prompts do not collide
+    in practice."""
+    blob = ",".join(str(int(t)) for t in token_ids).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
 @dataclass
 class Completion:
     """One finished request: what was generated, its per-token statistics and its regime."""
@@ -120,6 +129,7 @@ class Completion:
     ttft_s: float
     latency_s: float
     logprobs: list[TokenLogprobs] | None = None  # when the request asked for them
+    prompt_key: str | None = None  # `prompt_key(prompt token ids)`, set by the producer
 
     def token_records(self, tokenizer) -> list[dict]:
         """[{"id", "text", <every token field>}] for each generated token."""

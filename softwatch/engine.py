@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .admission import PromptLimits
-from .completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, summarize
+from .completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, prompt_key, summarize
 from .host import keep_freed_memory
 from .models import LoadedModel
 from .detokenize import IncrementalText
@@ -369,7 +369,7 @@ class Engine:
             request_id=seq.request_id, text=text, token_ids=list(seq.generated),
             prompt_tokens=len(seq.prompt_ids), finish_reason=reason, stats=stats, summary=summary,
             regime=seq.params.regime(self.lm.model_id, self.lm.model_rev), created=seq.created, ttft_s=ttft, latency_s=now - seq.started,
-            logprobs=seq.logprobs,
+            logprobs=seq.logprobs, prompt_key=prompt_key(seq.prompt_ids),
         )
 
     def _keep(self, index: list[int]) -> None:

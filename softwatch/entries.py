@@ -37,6 +37,7 @@ def encode(entry: Entry) -> bytes:
         "text": c.text if context.store_text else None,
         "prompt": entry.prompt if context.store_text else None,
         "prompt_tokens": c.prompt_tokens,
+        "prompt_key": c.prompt_key,
         "finish_reason": c.finish_reason,
         "summary": c.summary,
         "regime": c.regime,
@@ -77,6 +78,7 @@ def decode(data: bytes) -> Entry:
             prompt_tokens=header["prompt_tokens"], finish_reason=header["finish_reason"], stats=stats,
             summary=header["summary"], regime=header["regime"], created=header["created"],
             ttft_s=header["ttft_s"], latency_s=header["latency_s"],
+            prompt_key=header.get("prompt_key"),  # absent from entries journaled before it existed
         )
         return Entry(completion, context, bool(header["tokens_kept"]), header["prompt"])
     except (struct.error, KeyError, TypeError, json.JSONDecodeError) as exc:

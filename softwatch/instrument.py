@@ -18,7 +18,7 @@ import uuid
 
 import torch
 
-from .completion import Completion, DecodingParams, summarize
+from .completion import Completion, DecodingParams, prompt_key, summarize
 from .models import model_rev, weights_digest
 from .records import RecordContext
 from .sampling import RowParams
@@ -76,19 +76,22 @@ class Watch:
         eos = _eos_ids(self.model, self.tokenizer)
         mask = kwargs.get("attention_mask")
         regime = params.regime(self.model_id, self.model_rev)
+        prompts = len(mask) if mask is not None else len(prompt) if prompt is not None else batch
         for row in range(batch):
+            source = row // (batch // prompts)  # generate repeats each prompt num_return_sequences times
             ids = tokens[row].tolist()
             end = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
             reason = "stop" if end < len(ids) or ids and ids[-1] in eos else "length"
             row_stats = stats[row, :end]
             summary = summarize(row_stats)
-            prompt_tokens = int(mask[row].sum()) if mask is not None else prompt_len
+            prompt_tokens = int(mask[source].sum()) if mask is not None else prompt_len
             summary.update(prompt_tokens=prompt_tokens, generated_tokens=end, finish_reason=reason,
                            ttft_s=float("nan"), latency_s=latency)
             text = self.tokenizer.decode(ids[:end], skip_special_tokens=True) if self.tokenizer else ""
             c = Completion(request_id=f"lib-{uuid.uuid4().hex[:16]}", text=text, token_ids=ids[:end],
                            prompt_tokens=prompt_tokens, finish_reason=reason, stats=row_stats, summary=summary,
-                           regime=regime, created=created, ttft_s=float("nan"), latency_s=latency)
+                           regime=regime, created=created, ttft_s=float("nan"), latency_s=latency,
+                           prompt_key=_prompt_key(prompt, mask, source))
             self.completions.append(c)
             if self._sink is not None:
                 self._sink.write_completion(c, self.context)
@@ -97,6 +100,15 @@ class Watch:
         """Flush and close the record sink (also done at interpreter exit)."""
         if self._sink is not None:
             self._sink.close()
+
+
+def _prompt_key(prompt: torch.Tensor | None, mask: torch.Tensor | None, row: int) -> str | None:
+    """The prompt_key of a prompt row: its token ids but the padding the attention mask leaves
+    out; None when generate was given no token ids (inputs_embeds)."""
+    if prompt is None or prompt.is_floating_point():
+        return None
+    ids = prompt[row] if mask is None else prompt[row][mask[row].bool()]
+    return prompt_key(ids.tolist())
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -57,6 +57,7 @@ SEQUENCES = pa.schema(
         pa.field("created", TIMESTAMP),  # submitted
         pa.field("request_id", pa.string()),
         pa.field("prompt_tokens", pa.int32()),
+        pa.field("prompt_key", pa.string()),  # completion.prompt_key; null when the producer set none
         pa.field("generated_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
         pa.field("ttft_s", pa.float64()),
@@ -91,6 +92,9 @@ DRIFT_REPORTS = pa.schema(
         pa.field("n_baseline", pa.int64()),
         pa.field("n_current", pa.int64()),
         pa.field("verdict", pa.string()),  # "drift" | "no_drift" | "insufficient_data"
+        pa.field("unit", pa.string()),  # what the test permuted: "prompt" clusters or single "sequence"s
+        pa.field("clusters_baseline", pa.int64()),
+        pa.field("clusters_current", pa.int64()),
     ]
 )
 
@@ -179,6 +183,7 @@ def sequence_row(c: Completion, context: RecordContext, tokens_kept: bool, promp
         "created": datetime.fromtimestamp(c.created, timezone.utc),
         "request_id": c.request_id,
         "prompt_tokens": c.prompt_tokens,
+        "prompt_key": c.prompt_key,
         "generated_tokens": len(c.token_ids),
         "finish_reason": c.finish_reason,
         "ttft_s": c.ttft_s,

@@ -486,14 +486,16 @@ atexit.register(_close_all)
 class Store:
     """DuckDB over the dataset, with views `tokens`, `sequences`, `drift_reports` and `probes`.
     `dt` is a DATE partition column: filter on it to read only the days you need. New files
-    are seen by the next query. Every file of a table has the table's schema (records.py);
-    a schema change must come with a rewrite of older files."""
+    are seen by the next query. Columns are only ever added to a table's schema (records.py):
+    files written before a column existed read it as null; renaming or retyping a column
+    needs a rewrite of them."""
 
     def __init__(self, root: str | None = None):
         self.root = root or default_root()
         self.fs, self.path = open_root(self.root)
         self.con = duckdb.connect()
         self._native = dict.fromkeys(SCHEMAS, False)
+        self._union = False  # some day mixes files of an older schema with newer ones
 
     def query(self, sql: str, params: list | dict | None = None) -> pa.Table:
         """Run SQL over the views; the result as an Arrow table."""
@@ -505,6 +507,11 @@ class Store:
             except duckdb.IOException as exc:  # a file compacted away between listing and reading
                 if attempt == 2 or "No such file" not in str(exc) and "not found" not in str(exc).lower():
                     raise
+            except duckdb.InvalidInputException as exc:  # a newer file listed before an older one
+                if self._union or "schema mismatch" not in str(exc):
+                    raise
+                self._union = True
+                self._native = dict.fromkeys(SCHEMAS, False)
 
     def rows(self, sql: str, params: list | dict | None = None) -> list[dict]:
         return self.query(sql, params).to_pylist()
@@ -520,13 +527,26 @@ class Store:
             if _is_local(self.fs) and _has_files(self.fs, directory):
                 glob = f"{directory}/dt=*/*.parquet".replace("'", "''")
                 self.con.unregister(table)  # the empty stand-in registered while there were no files
-                self.con.execute(
-                    f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet('{glob}', "
-                    "hive_partitioning = true, hive_types = {'dt': DATE})"
-                )
+                self._create_view(table, schema, glob, self._union)
                 self._native[table] = True
             else:
                 self.con.register(table, self._dataset(table, schema))
+
+    def _create_view(self, table: str, schema: pa.Schema, glob: str, union: bool) -> None:
+        """The view over a table's files. DuckDB takes the columns of the first file (the
+        oldest day): when it has the full schema, so does every newer file, and days a query
+        filters out are never opened. Otherwise union_by_name, which opens every file's footer
+        on each query, reads the columns older files lack as null, and the empty table of the
+        full schema adds the columns no file has yet."""
+        options = "hive_partitioning = true, hive_types = {'dt': DATE}" + (", union_by_name = true" if union else "")
+        select = f"SELECT * FROM read_parquet('{glob}', {options})"
+        if union:
+            self.con.register(f"{table}__schema", schema.append(DT).empty_table())
+            select += f" UNION ALL BY NAME SELECT * FROM {table}__schema"
+        self.con.execute(f"CREATE OR REPLACE VIEW {table} AS {select}")
+        columns = {row[0] for row in self.con.execute(f"DESCRIBE {table}").fetchall()}
+        if not union and not set(schema.names) <= columns:
+            self._create_view(table, schema, glob, union=True)
 
     def _dataset(self, table: str, schema: pa.Schema) -> ds.Dataset | pa.Table:
         full = schema.append(DT)

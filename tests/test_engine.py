@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from softwatch.completion import SEED_RANGE
+from softwatch.completion import SEED_RANGE, prompt_key
 from softwatch.engine import DecodingParams, Engine, InvalidRequest, StepFailed
 from softwatch.models import tiny_model
 from softwatch.stats import COLUMN
@@ -335,3 +335,40 @@ def test_a_chat_template_that_raises_is_the_requests_invalid_messages():
     with pytest.raises(InvalidRequest, match="roles must alternate") as err:
         engine.prepare([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}], chat=True)
     assert err.value.field == "messages" and not engine.has_work()
+
+
+def stored_prompt_keys(root, request_ids: list[str]) -> list[str | None]:
+    """The prompt_key of each request's sequences row in the dataset at `root`."""
+    from softwatch.store import Store
+
+    rows = Store(str(root)).rows("SELECT request_id, prompt_key FROM sequences")
+    keys = {r["request_id"]: r["prompt_key"] for r in rows}
+    return [keys[rid] for rid in request_ids]
+
+
+def test_the_engine_s_sequences_carry_the_key_of_their_prompt_s_token_ids(tiny, tmp_path):
+    from softwatch.records import RecordContext
+    from softwatch.store import ParquetSink
+
+    params = DecodingParams(temperature=0.9, max_tokens=3, ignore_eos=True)
+    prompts = ["hello there", "xyz", "hello there"]
+    done = run_to_end(Engine(tiny), {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+    with ParquetSink(str(tmp_path)) as sink:
+        for c in done.values():
+            sink.write_completion(c, RecordContext())
+    keys = stored_prompt_keys(tmp_path, [f"r{i}" for i in range(len(prompts))])
+    assert keys == [prompt_key(tiny.tokenizer.encode(p)) for p in prompts]
+    assert keys[0] == keys[2] != keys[1]
+
+
+def test_instrumented_sequences_carry_the_key_of_their_unpadded_prompt(tiny, tmp_path):
+    import softwatch
+
+    watch = softwatch.instrument(tiny.model, tiny.tokenizer, model_id="tiny", data=str(tmp_path))
+    prompts = ["hello there", "a"]
+    inputs = tiny.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    watch.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2, pad_token_id=0)
+    watch.close()
+    keys = stored_prompt_keys(tmp_path, [c.request_id for c in watch.completions])
+    expected = [prompt_key(tiny.tokenizer.encode(p)) for p in prompts]
+    assert keys == [expected[0], expected[0], expected[1], expected[1]]  # generate groups a prompt's sequences

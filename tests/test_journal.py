@@ -317,3 +317,23 @@ def test_a_record_parquet_cannot_take_is_refused_before_it_is_journaled(tmp_path
     sink.write_completion(dataclasses.replace(completion("good", 40)), context)
     sink.close()
     assert Store(str(tmp_path)).rows("SELECT request_id FROM sequences") == [{"request_id": "good"}]
+
+
+def test_a_journaled_entry_keeps_its_prompt_key_and_one_journaled_before_the_key_existed_reads_none():
+    import json
+    import struct
+
+    from softwatch.completion import prompt_key
+    from softwatch.entries import Entry, decode, encode
+
+    (completion,) = synthetic_completions(1)
+    completion.prompt_key = prompt_key([5, 6, 7])
+    data = encode(Entry(completion, RecordContext(), True, None))
+    assert decode(data).completion.prompt_key == prompt_key([5, 6, 7])
+
+    (length,) = struct.unpack_from("<I", data)
+    header = json.loads(data[4:4 + length])
+    del header["prompt_key"]
+    blob = json.dumps(header).encode()
+    older = struct.pack("<I", len(blob)) + blob + data[4 + length:]
+    assert decode(older).completion.prompt_key is None

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from softwatch.admission import PromptLimits
+from softwatch.completion import prompt_key
 from softwatch.prompts import prompt_set
 from softwatch.serve.app import run
 from softwatch.stats import FIELDS
@@ -65,12 +66,15 @@ def test_openai_client_on_vllm_every_choice_recorded_with_exact_fields(vllm_serv
     ids = chat_ids + completion_ids + streamed_ids
     wait_for_records(vllm_service["data"], ids, timeout_s=60)
     store = Store(vllm_service["data"])
-    rows = store.rows("SELECT request_id, model_id, model_rev, params_id, generated_tokens FROM sequences")
+    rows = store.rows("SELECT request_id, model_id, model_rev, params_id, prompt_key, generated_tokens FROM sequences")
     store.close()
     assert sorted(r["request_id"] for r in rows) == sorted(ids), "one sequences row per choice, no more"
     assert {r["model_id"] for r in rows} == {MODEL} and all(r["model_rev"] and r["params_id"] for r in rows)
 
-    prompt_ids = PromptLimits.of(smollm2, max_batch=1).encode(messages, chat=True)
+    prompt_ids = PromptLimits.of(smollm2, max_batch=1).encode(messages, chat=True)  # the teacher checks them
+    keys = {r["request_id"]: r["prompt_key"] for r in rows}
+    assert {keys[rid] for rid in chat_ids + streamed_ids} == {prompt_key(prompt_ids)}, "one prompt, one key"
+    assert keys[completion_ids[0]] == prompt_key(smollm2.tokenizer.encode("Once upon a time"))
     for rid, choice in zip(chat_ids, chat.choices):
         sequence, stats, tokens = recorded(vllm_service["data"], rid)
         assert stats.shape == (len(tokens), len(FIELDS)) and not torch.isnan(stats).any(), "all ten fields"

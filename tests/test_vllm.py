@@ -11,6 +11,7 @@ import pytest
 import torch
 import vllm  # noqa: F401 - `make test` installs vLLM; these tests must run, not skip
 
+from softwatch.completion import prompt_key
 from softwatch.stats import FIELDS
 from softwatch.store import Store
 from softwatch.vllm import LLM, tag, wait_for_records
@@ -163,15 +164,23 @@ def test_stop_strings_and_penalties_are_recorded_as_vllm_applied_them(observed):
     assert penalized["params_id"] != recorded(data, "unpenalized")[0]["params_id"]
 
 
-def test_n_choices_each_get_a_record(observed):
+def test_n_choices_each_get_a_record_keyed_by_their_prompt(observed):
     from vllm import SamplingParams
 
     llm, data = observed
-    out = llm.generate(["Tell me a joke"], [tag(SamplingParams(temperature=1.0, n=3, max_tokens=6, seed=1), "three")],
-                       use_tqdm=False)[0]
-    wait_for_records(data, ["three", "three-1", "three-2"])
-    recorded_tokens = sorted(recorded(data, rid)[2] for rid in ("three", "three-1", "three-2"))
+    out, again, other = llm.generate(
+        ["Tell me a joke", "Tell me a joke", "Tell me a story"],
+        [tag(SamplingParams(temperature=1.0, n=3, max_tokens=6, seed=1), "three"),
+         tag(SamplingParams(max_tokens=2), "again"), tag(SamplingParams(max_tokens=2), "other")],
+        use_tqdm=False)
+    ids = ["three", "three-1", "three-2", "again", "other"]
+    wait_for_records(data, ids)
+    recorded_tokens = sorted(recorded(data, rid)[2] for rid in ids[:3])
     assert recorded_tokens == sorted(list(c.token_ids) for c in out.outputs)
+    keys = [recorded(data, rid)[0]["prompt_key"] for rid in ids]
+    joke, story = prompt_key(out.prompt_token_ids), prompt_key(other.prompt_token_ids)
+    assert again.prompt_token_ids == out.prompt_token_ids and joke != story
+    assert keys == [joke] * 4 + [story]
 
 
 def test_a_request_aborted_midway_is_recorded_with_what_it_generated(observed, teacher):

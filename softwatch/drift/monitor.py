@@ -8,6 +8,9 @@ Comparisons it makes on every run:
   `window` (traffic shift, or a silent numerics change under unchanged labels);
 - `online`: a calibrated CUSUM per metric (a Poisson CUSUM for the rare counts) over the
   newest regime, its reference being the regime's first `window` sequences.
+
+The regime and window comparisons read each sequence's `prompt_key` and permute whole prompt
+clusters (twosample.py); the online CUSUMs treat sequences as independent.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pyarrow as pa
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
 from .online import CUSUM, PoissonCUSUM
-from .twosample import TestResult, compare
+from .twosample import TESTS, TestResult, compare, permutations_for
 
 # sequence-level metric -> its SQL over the `sequences` view
 METRICS = {
@@ -96,7 +99,10 @@ class MonitorConfig:
     max_sequences: int = 2000  # per side: the most recent of the baseline, the first of the current
     window: int = 200
     target_arl: float = 5000  # online detectors together: sequences between false alarms
-    permutations: int = 2999
+    permutations: int = 2999  # raised where alpha needs more (twosample.permutations_for)
+
+    def __post_init__(self) -> None:
+        permutations_for(self.alpha, len(TESTS) * len(METRICS))  # refuses an alpha no p-value can reach
 
 
 @dataclass
@@ -125,13 +131,14 @@ class Sample:
     metrics: dict[str, np.ndarray]
     tokens: np.ndarray
     counts: dict[str, np.ndarray]
+    keys: np.ndarray  # prompt_key of each sequence (None where the producer set none)
 
     def __len__(self) -> int:
         return len(self.ts)
 
     def take(self, index: slice | np.ndarray) -> Sample:
         return Sample(self.label, self.ts[index], {k: v[index] for k, v in self.metrics.items()}, self.tokens[index],
-                      {k: v[index] for k, v in self.counts.items()})
+                      {k: v[index] for k, v in self.counts.items()}, self.keys[index])
 
 
 class Monitor:
@@ -146,12 +153,14 @@ class Monitor:
         clause, params = where.sql()
         metric_sql = ", ".join(f"{sql} AS {name}" for name, sql in METRICS.items())
         table = self.store.query(
-            f"SELECT epoch_us(ts) AS ts_us, generated_tokens, nonfinite, overflow, {metric_sql} FROM sequences "
+            f"SELECT epoch_us(ts) AS ts_us, generated_tokens, nonfinite, overflow, prompt_key, {metric_sql} "
+            f"FROM sequences "
             f"WHERE generated_tokens > 0 AND {clause} ORDER BY ts", params)
         column = lambda name: table[name].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
         return Sample(label or _describe(where), table["ts_us"].to_numpy(zero_copy_only=False),
                       {name: column(name) for name in METRICS}, column("generated_tokens"),
-                      {name: column(count) for name, count in COUNT_METRICS.items()})
+                      {name: column(count) for name, count in COUNT_METRICS.items()},
+                      np.array(table["prompt_key"].to_pylist(), dtype=object))
 
     def regimes(self) -> list[dict]:
         """Regimes in order of first appearance, with their sequence counts."""
@@ -236,7 +245,8 @@ class Monitor:
         current = current.take(slice(0, cap))
         results = compare(baseline.metrics, current.metrics, alpha=self.config.alpha,
                           min_effect=self.config.min_effect, min_sequences=self.config.min_sequences,
-                          permutations=self.config.permutations)
+                          permutations=self.config.permutations, baseline_keys=baseline.keys,
+                          current_keys=current.keys)
         report.rows += [self._row(report, kind, r, baseline, current) for r in results]
 
     def _online(self, report: Report, regime: Sample) -> None:
@@ -281,7 +291,8 @@ class Monitor:
             "baseline_end": _time(baseline.ts[-1]) if len(baseline) else None,
             "current_start": _time(current.ts[0]) if len(current) else None,
             "current_end": _time(current.ts[-1]) if len(current) else None,
-            "n_baseline": r.n_baseline, "n_current": r.n_current, "verdict": r.verdict,
+            "n_baseline": r.n_baseline, "n_current": r.n_current, "verdict": r.verdict, "unit": r.unit,
+            "clusters_baseline": r.clusters_baseline, "clusters_current": r.clusters_current,
         }
 
     def _new_report(self) -> Report:

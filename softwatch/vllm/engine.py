@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, summarize
+from ..completion import Completion, DecodingParams, InvalidRequest, TokenLogprobs, prompt_key, summarize
 from ..admission import PromptLimits
 from ..engine import StepFailed
 from ..stats import FIELDS
@@ -70,6 +70,7 @@ class _Request:
     params: DecodingParams
     sampling: SamplingParams  # as vLLM decodes it (a temperature below 0.01 raised to 0.01)
     prompt_tokens: int
+    prompt_key: str
     on_token: Callable[[int, TokenLogprobs | None], None] | None
     created: float = field(default_factory=time.time)
     started: float = field(default_factory=time.perf_counter)
@@ -129,8 +130,8 @@ class VLLMEngine:
         sampling = sampling_params(params, logprobs=params.top_logprobs if wants_logprobs else None,
                                    extra_args={REQUEST_ID_KEY: request_id, TEMPLATE_KEY: params.template_version})
         self._engine.add_request(request_id, {"prompt_token_ids": ids}, sampling)
-        self._requests[request_id] = _Request(params, sampling, len(ids), on_token,
-                                               logprobs=[] if wants_logprobs else None)
+        self._requests[request_id] = _Request(params, sampling, len(ids), prompt_key(ids), on_token,
+                                              logprobs=[] if wants_logprobs else None)
         return request_id
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> Completion | None:
@@ -214,7 +215,7 @@ class VLLMEngine:
                                                                                            skip_special_tokens=True)
         c.logprobs = request.logprobs[: len(c.token_ids)] if request.logprobs is not None else None
         c.created = request.created
-        c.prompt_tokens = request.prompt_tokens
+        c.prompt_tokens, c.prompt_key = request.prompt_tokens, request.prompt_key
         c.ttft_s = (request.first_token_at or time.perf_counter()) - request.started
         c.latency_s = (request.last_token_at or time.perf_counter()) - request.started
         c.summary.update(prompt_tokens=c.prompt_tokens, ttft_s=c.ttft_s, latency_s=c.latency_s)

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..completion import Completion, DecodingParams, params_id, summarize
+from ..completion import Completion, DecodingParams, params_id, prompt_key, summarize
 from ..stats import FIELDS
 from .served import ServedModel
 from .settings import ObserverSettings
@@ -74,7 +74,7 @@ class TrackedRequest:
         completion = Completion(request_id=self.request_id, text="", token_ids=tokens,
                                 prompt_tokens=len(self.prompt or ()), finish_reason=reason, stats=stats,
                                 summary=summary, regime=self.regime(settings), created=self.created, ttft_s=ttft,
-                                latency_s=latency)
+                                latency_s=latency, prompt_key=None if self.prompt is None else prompt_key(self.prompt))
         prompt = None
         if settings.store_text:
             completion.text = self.model.tokenizer.decode(tokens, skip_special_tokens=True)
