@@ -6,5 +6,7 @@ def __getattr__(name: str):
     if name == "instrument":
         from .instrument import instrument
 
+        # importing the submodule bound its name here to the module: the function replaces it
+        globals()["instrument"] = instrument
         return instrument
     raise AttributeError(f"module 'softwatch' has no attribute {name!r}")
