@@ -8,6 +8,7 @@ from __future__ import annotations
 class IncrementalText:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.special = set(getattr(tokenizer, "all_special_ids", ()))  # decoded as "": kept out of the window
         self.tokens: list[int] = []
         # tokens[prefix_offset:read_offset] are decoded again as context of the new ones (a
         # tokenizer may render a token differently at the start of a text); the text of
@@ -17,6 +18,8 @@ class IncrementalText:
     def push(self, token: int) -> str:
         """The text this token completes: "" while it ends in a partial UTF-8 character (or is a
         skipped special token)."""
+        if token in self.special:  # else a run of them would widen the window without end
+            return ""
         self.tokens.append(token)
         prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=True)
         window = self.tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=True)

@@ -278,6 +278,7 @@ class ParquetSink:
                 self._backlog -= batch.rows()
         if batch.segment is not None:
             batch.segment.release()
+        batch.entries = None  # written: a long recovered backlog is held one segment at a time
         self.at_flush_point("released")
 
     def close(self) -> None:

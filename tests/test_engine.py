@@ -91,6 +91,14 @@ def test_every_accepted_seed_samples_the_same_tokens_twice(tiny, seed):
     assert done["a"].token_ids == done["b"].token_ids
 
 
+def test_different_seeds_sample_different_tokens(tiny):
+    seeds = [SEED_RANGE[0], -1, 0, 1, SEED_RANGE[1]]
+    runs = {f"s{seed}": ("hello", DecodingParams(temperature=2.0, max_tokens=12, ignore_eos=True, seed=seed))
+            for seed in seeds}
+    done = run_to_end(Engine(tiny), runs)
+    assert len({tuple(c.token_ids) for c in done.values()}) == len(seeds)
+
+
 def test_stop_strings_eos_and_max_tokens():
     lm = tiny_model(seed=0, logit_scale=30.0)
     eos = lm.tokenizer.eos_token_id

@@ -93,10 +93,16 @@ def test_a_locked_segment_is_not_claimed_and_an_unlocked_one_is_claimed_once(tmp
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-fallback"])
-def test_a_name_already_taken_is_never_replaced(tmp_path, monkeypatch, renameat2):
-    if not renameat2:
+def no_hard_links(source, target):
+    raise PermissionError(1, "Operation not permitted")  # as on a filesystem without them (vfat, some FUSE)
+
+
+@pytest.mark.parametrize("fallback", ["renameat2", "link", "check-then-rename"])
+def test_a_name_already_taken_is_never_replaced(tmp_path, monkeypatch, fallback):
+    if fallback != "renameat2":
         monkeypatch.setattr(renames, "_renameat2", None)
+    if fallback == "check-then-rename":
+        monkeypatch.setattr(renames.os, "link", no_hard_links)
     kept = journal.create(str(tmp_path), "w-000000")
     kept.append(b"kept")
     kept.close()  # its writer died: a segment to recover
@@ -111,6 +117,8 @@ def test_a_name_already_taken_is_never_replaced(tmp_path, monkeypatch, renameat2
     with pytest.raises(FileExistsError):
         renames.rename_noreplace(str(tmp_path / "new"), str(tmp_path / "old"))
     assert (tmp_path / "old").read_text() == "old" and (tmp_path / "new").read_text() == "new"
+    renames.rename_noreplace(str(tmp_path / "new"), str(tmp_path / "free"))
+    assert (tmp_path / "free").read_text() == "new" and not (tmp_path / "new").exists()
 
 
 def test_a_writer_id_given_again_destroys_no_record(tmp_path):
@@ -168,6 +176,25 @@ def test_a_recovered_backlog_is_written_at_once_one_segment_at_a_time_and_refuse
     assert (tmp_path / "sequences").exists()
     sink.close()
     assert_exactly_once(tmp_path, {c.request_id for c in backlog} | set(accepted))
+
+
+def test_a_recovered_backlog_is_held_in_memory_one_segment_at_a_time(tmp_path, monkeypatch):
+    backlog = synthetic_completions(30, hours=0.01)
+    for i in range(3):
+        journal_dead_writer_s(tmp_path, f"dead-{i:06d}", backlog[10 * i:10 * (i + 1)])
+    seen, loaded_at_start = [], []
+    write_batch = ParquetSink._write_batch
+
+    def watched(sink, batch):
+        loaded_at_start.append(sum(b.entries is not None for b in seen))  # the earlier batches, written
+        seen.append(batch)
+        write_batch(sink, batch)
+
+    monkeypatch.setattr(ParquetSink, "_write_batch", watched)
+    sink = ParquetSink(str(tmp_path), flush_interval_s=3600)
+    sink.close()
+    assert len(seen) == 3 and loaded_at_start == [0, 0, 0]
+    assert_exactly_once(tmp_path, {c.request_id for c in backlog})
 
 
 def test_recovery_keeps_the_frames_before_a_torn_one(tmp_path):

@@ -23,10 +23,10 @@ def replica(tmp_path, **settings) -> LLMServer:
 
 async def ask(server: LLMServer, rid: str, prompt="hello", messages=None, stream=False, on_event=None, **params):
     """The last event of one request; `on_event(event)` sees every event as it comes."""
-    spec = {"request_id": rid, "params": params, "stream": stream}
+    spec = {"request_id": rid, "params": params, "stream": stream, "index": 0}
     spec["messages" if messages else "prompt"] = messages or prompt
     event = None
-    async for event in server.generate(spec):
+    async for event in server.generate({"choices": [spec], "stream": stream}):
         if on_event is not None:
             on_event(event)
     return event
@@ -114,6 +114,48 @@ def test_a_request_past_its_timeout_is_cancelled_freed_and_recorded(tmp_path):
     rows = records(server, tmp_path)
     assert rows["slow"]["finish_reason"] == "timeout" and 0 < rows["slow"]["generated_tokens"] < 480
     assert rows["quick"]["finish_reason"] in ("stop", "length")
+
+
+async def events_of(server: LLMServer, specs: list[dict], stream: bool = False) -> list[dict]:
+    return [event async for event in server.generate({"choices": specs, "stream": stream})]
+
+
+def choices(*request_ids: str, **params) -> list[dict]:
+    return [{"request_id": rid, "index": i, "prompt": "hello", "params": params} for i, rid in enumerate(request_ids)]
+
+
+def test_a_requests_choices_are_admitted_once_together_and_each_answered(tmp_path):
+    server = replica(tmp_path)
+    (events,) = gather(events_of(server, choices("a", "b", "c", max_tokens=3), stream=True))
+    assert events[0] == {"type": "admitted"} and all(e["type"] != "admitted" for e in events[1:])
+    assert sorted(e["index"] for e in events if e["type"] == "done") == [0, 1, 2]
+    assert [sum(e["type"] == "token" and e["index"] == i for e in events) for i in range(3)] == [3, 3, 3]
+    assert {rid: r["generated_tokens"] for rid, r in records(server, tmp_path).items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_a_choice_the_engine_refuses_cancels_its_taken_siblings_before_any_decodes(tmp_path):
+    """The engine refusing one choice (a refusal on submit, which no real input produces here:
+    every input check runs before) answers the request with it; the sibling it had already taken
+    is cancelled, recorded "cancelled" with no token decoded, and the replica serves on."""
+    from softwatch.completion import InvalidRequest
+
+    server = replica(tmp_path)
+    submit = server.engine.submit
+
+    def refuse_b(ids, params, request_id, **kwargs):
+        if request_id == "b":
+            raise InvalidRequest("prompt", "refused by the engine")
+        return submit(ids, params, request_id=request_id, **kwargs)
+
+    server.engine.submit = refuse_b
+    (refused,) = gather(events_of(server, choices("a", "b", **LONG)))
+    assert refused == [{"type": "error", "index": 1, "status": 400, "param": "prompt",
+                        "message": "prompt: refused by the engine"}]
+    (after,) = gather(events_of(server, choices("c", max_tokens=2)))
+    assert after[-1]["type"] == "done"
+    rows = records(server, tmp_path)
+    assert rows["a"]["finish_reason"] == "cancelled" and rows["a"]["generated_tokens"] == 0
+    assert set(rows) == {"a", "c"}
 
 
 def test_a_request_whose_record_cannot_be_written_is_not_answered_as_a_success(tmp_path):

@@ -3,7 +3,6 @@ multi-choice stream starts (every choice admitted first) and ends (an error even
 
 import asyncio
 import json
-import time
 
 import httpx
 import pytest
@@ -11,7 +10,7 @@ from ray.serve.exceptions import BackPressureError
 
 from softwatch.serve.llm import _TextStream
 from softwatch.serve.protocol import MAX_BODY_BYTES
-from softwatch.store import Store
+from softwatch.store import Store, wait_for_records
 
 from .conftest import API_KEY
 
@@ -32,6 +31,10 @@ class CountingTokenizer:
     def decode(self, ids, **kwargs):
         self.decoded_lengths.append(len(ids))
         return self.tokenizer.decode(ids, **kwargs)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return self.tokenizer.all_special_ids
 
 
 def stream(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[str, _TextStream]:
@@ -75,34 +78,64 @@ def test_per_token_decoding_work_does_not_grow_with_the_output(smollm2):
     assert sum(tokenizer.decoded_lengths) <= 8 * len(ids)
 
 
+def test_a_run_of_special_tokens_does_not_widen_the_decoded_window(smollm2):
+    tokenizer = CountingTokenizer(smollm2.tokenizer)
+    ids = [smollm2.tokenizer.eos_token_id] * 500 + smollm2.tokenizer.encode(MULTIBYTE, add_special_tokens=False)
+    streamed, _ = stream(tokenizer, ids, ("never there",))
+    assert streamed + MULTIBYTE[-len("never there") + 1:] == MULTIBYTE
+    assert max(tokenizer.decoded_lengths) <= 8
+
+
+def test_a_client_gone_mid_body_is_not_served_a_cut_body():
+    from softwatch.serve.ingress import _LimitBody
+
+    served = []
+
+    async def app(scope, receive, send):
+        served.append(await receive())
+
+    messages = iter([{"type": "http.request", "body": b'{"prompt": "hi", "max_tokens": 4}', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        raise AssertionError(f"nobody is listening: {message}")
+
+    scope = {"type": "http", "headers": [(b"transfer-encoding", b"chunked")]}
+    asyncio.run(_LimitBody(app)(scope, receive, send))
+    assert served == []
+
+
 # ---- the ingress, with the LLM deployment's handle scripted (no Ray) ----------------------------
 
 ADMITTED = {"type": "admitted"}
 LONG_WAIT = 30.0  # a choice still running when its request is answered
 
 
-def token(text: str) -> dict:
-    return {"type": "token", "text": text, "logprobs": None}
+def token(index: int, text: str) -> dict:
+    return {"type": "token", "index": index, "text": text, "logprobs": None}
 
 
-def done(rid: str, rest: str = "", finish_reason: str = "length") -> dict:
-    return {"type": "done", "rest": rest, "request_id": rid, "text": rest, "token_ids": [1, 2], "finish_reason":
-            finish_reason, "prompt_tokens": 3, "regime": {"model_rev": "rev"}, "logprobs": None}
+def done(index: int, rid: str, rest: str = "", finish_reason: str = "length") -> dict:
+    return {"type": "done", "index": index, "rest": rest, "request_id": rid, "text": rest, "token_ids": [1, 2],
+            "finish_reason": finish_reason, "prompt_tokens": 3, "regime": {"model_rev": "rev"}, "logprobs": None}
 
 
-def refused(status: int, param: str | None = None) -> dict:
-    return {"type": "error", "status": status, "param": param, "message": f"refused with {status}"}
+def refused(status: int, param: str | None = None, index: int | None = 0) -> dict:
+    return {"type": "error", "index": index, "status": status, "param": param, "message": f"refused with {status}"}
 
 
 class ScriptedLLM:
-    """The LLM deployment's handle: choice i's call plays scripts[i] (events; a number waits that
-    many seconds; an exception is raised). Records which calls were cancelled: like Serve's, a call
-    cancelled before its first event may have reached its replica and run on regardless."""
+    """The LLM deployment's handle: a request's one call plays `script` (events; a number waits
+    that many seconds; an exception is raised) and keeps the choices it was sent. Records whether
+    the call was cancelled, as Serve's handle does."""
 
-    def __init__(self, scripts: dict[int, list]):
-        self.scripts = scripts
-        self.cancelled: list[int] = []
-        self.cancelled_unheard: list[int] = []
+    def __init__(self, script: list):
+        self.script = script
+        self.requests: list[dict] = []
+        self.cancelled = False
 
     def options(self, stream: bool):
         return self
@@ -111,27 +144,26 @@ class ScriptedLLM:
     def generate(self):
         return self
 
-    def remote(self, call: dict):
-        return ScriptedCall(self, call["index"])
+    def remote(self, request: dict):
+        self.requests.append(request)
+        return ScriptedCall(self)
 
 
 class ScriptedCall:
-    def __init__(self, llm: ScriptedLLM, index: int):
-        self.llm, self.index = llm, index
-        self.heard = False
+    def __init__(self, llm: ScriptedLLM):
+        self.llm = llm
 
     async def __aiter__(self):
-        for step in self.llm.scripts[self.index]:
+        for step in self.llm.script:
             if isinstance(step, BaseException):
                 raise step
             if isinstance(step, float):
                 await asyncio.sleep(step)
             else:
-                self.heard = True
                 yield step
 
     def cancel(self) -> None:
-        (self.llm.cancelled if self.heard else self.llm.cancelled_unheard).append(self.index)
+        self.llm.cancelled = True
 
 
 def ingress(llm: ScriptedLLM):
@@ -159,44 +191,48 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-@pytest.mark.parametrize("refusal, status", [(refused(400, "max_tokens"), 400), (refused(503), 503),
+def test_a_requests_choices_go_to_the_replica_in_one_call():
+    llm = ScriptedLLM([ADMITTED, done(0, "r0", "a"), done(1, "r1", "b"), done(2, "r2", "c"), done(3, "r3", "d")])
+    answer = asyncio.run(completions(llm, ["p0", "p1"], n=2, seed=7))
+    (request,) = llm.requests
+    assert [(c["index"], c["prompt"]) for c in request["choices"]] == [(0, "p0"), (1, "p0"), (2, "p1"), (3, "p1")]
+    assert len({c["params"]["seed"] for c in request["choices"]}) == 2  # each choice of a prompt its own seed
+    assert [c["text"] for c in answer["choices"]] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("refusal, status", [(refused(400, "max_tokens", index=2), 400), (refused(503), 503),
                                              (BackPressureError(512, 512, retry_after_s=2.0), 503)])
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_choice_refused_after_its_siblings_started_is_the_status_of_the_whole_request(refusal, status, stream):
+def test_a_refused_request_is_answered_with_the_refusals_status(refusal, status, stream):
     from softwatch.serve.ingress import ApiError
 
-    llm = ScriptedLLM({0: [ADMITTED, token("a"), token("b"), LONG_WAIT], 1: [ADMITTED, LONG_WAIT],
-                       2: [0.05, refusal]})  # refused after choice 0 streamed its first tokens
+    llm = ScriptedLLM([0.05, refusal])
 
     async def answer():
         with pytest.raises(ApiError) as refusal_raised:
             await asyncio.wait_for(completions(llm, ["p0", "p1", "p2"], stream=stream), 5)
-        await settle()
         return refusal_raised.value
 
     error = asyncio.run(answer())
     assert error.status == status
-    assert sorted(llm.cancelled) == [0, 1]  # the admitted siblings stop (their records: cancelled)
+    if status == 400:
+        assert error.param == "max_tokens"
 
 
-def test_a_refusal_before_a_siblings_admission_waits_to_cancel_it_where_it_runs():
+def test_a_stream_that_ends_before_admission_is_a_500_not_a_hang():
     from softwatch.serve.ingress import ApiError
 
-    llm = ScriptedLLM({0: [0.05, ADMITTED, LONG_WAIT], 1: [refused(400, "max_tokens")]})
-
     async def answer():
-        with pytest.raises(ApiError) as refusal_raised:
-            await asyncio.wait_for(completions(llm, ["p0", "p1"], stream=True), 5)
-        await settle()
-        return refusal_raised.value
+        with pytest.raises(ApiError) as failed:
+            await asyncio.wait_for(completions(ScriptedLLM([]), ["p0"], stream=True), 5)
+        return failed.value
 
-    assert asyncio.run(answer()).status == 400
-    assert llm.cancelled == [0] and llm.cancelled_unheard == []
+    assert asyncio.run(answer()).status == 500
 
 
-def test_tokens_that_come_while_siblings_are_admitted_are_all_streamed():
-    llm = ScriptedLLM({0: [ADMITTED, token("a"), token("b"), done("r0", "c")],
-                       1: [0.05, ADMITTED, token("x"), done("r1", "y")]})
+def test_tokens_of_every_choice_are_streamed_in_the_order_they_come():
+    llm = ScriptedLLM([ADMITTED, token(0, "a"), token(1, "x"), token(0, "b"), done(0, "r0", "c"),
+                       0.05, done(1, "r1", "y")])
 
     async def stream():
         return await body_of(await completions(llm, ["p0", "p1"], stream=True))
@@ -205,20 +241,21 @@ def test_tokens_that_come_while_siblings_are_admitted_are_all_streamed():
     assert events[-1] == "data: [DONE]\n\n"
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
     text = {i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)}
-    assert text == {0: "abc", 1: "xy"} and llm.cancelled == []
+    assert text == {0: "abc", 1: "xy"} and not llm.cancelled
 
 
 def test_an_answer_names_its_choices_records_in_choice_order_whatever_order_they_finished_in():
-    llm = ScriptedLLM({0: [ADMITTED, 0.1, done("r0", "a")], 1: [ADMITTED, 0.05, done("r1", "b")],
-                       2: [ADMITTED, done("r2", "c")]})
+    llm = ScriptedLLM([ADMITTED, done(2, "r2", "c"), 0.05, done(1, "r1", "b"), done(0, "r0", "a")])
     answer = asyncio.run(completions(llm, ["p"], n=3))
     assert [c["text"] for c in answer["choices"]] == ["a", "b", "c"]
     assert answer["softwatch"]["request_ids"] == ["r0", "r1", "r2"]
 
 
-@pytest.mark.parametrize("failure", [refused(500), done("r0", finish_reason="error"), RuntimeError("replica died")])
-def test_a_failure_after_the_stream_started_ends_it_with_an_error_event_and_no_done(failure):
-    llm = ScriptedLLM({0: [ADMITTED, token("a"), 0.05, failure], 1: [ADMITTED, token("x"), LONG_WAIT]})
+@pytest.mark.parametrize("failure, still_running", [(refused(500), True), (done(0, "r0", finish_reason="error"), True),
+                                                   (RuntimeError("replica died"), False), ("ends", False)])
+def test_a_failure_after_the_stream_started_ends_it_with_an_error_event_and_no_done(failure, still_running):
+    script = [ADMITTED, token(0, "a"), token(1, "x"), 0.05] + ([] if failure == "ends" else [failure, LONG_WAIT])
+    llm = ScriptedLLM(script)
 
     async def stream():
         response = await completions(llm, ["p0", "p1"], stream=True)
@@ -232,7 +269,22 @@ def test_a_failure_after_the_stream_started_ends_it_with_an_error_event_and_no_d
     last = json.loads(events[-1].removeprefix("data: "))
     assert set(last) == {"error"} and {"message", "type", "code"} <= set(last["error"])
     assert last["error"]["type"] == "server_error" and last["error"]["message"]
-    assert llm.cancelled == [1]  # the sibling still running stops
+    assert llm.cancelled == still_running  # a call that still runs is stopped (its choices recorded cancelled)
+
+
+def test_a_client_that_goes_away_cancels_the_call():
+    llm = ScriptedLLM([ADMITTED, token(0, "a"), LONG_WAIT])
+
+    async def stream():
+        response = await completions(llm, ["p0"], stream=True)
+        body = response.body_iterator
+        first = await asyncio.wait_for(anext(body), 5)
+        await body.aclose()
+        await settle()
+        return first
+
+    assert json.loads(asyncio.run(stream()).removeprefix("data: "))["choices"][0]["text"] == "a"
+    assert llm.cancelled
 
 
 # ---- through the service (tiny-random on softwatch's engine) ------------------------------------
@@ -241,24 +293,23 @@ MODEL = "tiny-random-0"
 HEADERS = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 
-def records(service, expected: int) -> list[str]:
-    """The finish reasons of the service's records, once `expected` reached Parquet (its 10 s flush)."""
-    store, deadline = Store(service["data"]), time.monotonic() + 30
-    while len(rows := store.rows("SELECT finish_reason FROM sequences")) < expected and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return sorted(r["finish_reason"] for r in rows)
-
-
-def test_a_streamed_request_with_a_refused_prompt_is_refused_whole_and_its_sibling_recorded_cancelled(service):
+def test_a_streamed_request_with_a_refused_prompt_is_refused_whole_and_none_of_it_decodes(service):
     url, fields = f"{service['url']}/v1/completions", {"model": MODEL, "max_tokens": 400, "temperature": 0}
-    lone = httpx.post(url, json={**fields, "prompt": "ok"}, headers=HEADERS, timeout=120)
-    assert lone.json()["choices"][0]["finish_reason"] == "length"  # alone, it runs all 400 tokens
+
+    def recorded_after(prompt: str) -> set[str]:
+        """Every record id in the dataset once this request's record is in (one replica, one
+        sink, flushed in order: what came before it is in too)."""
+        answer = httpx.post(url, json={**fields, "prompt": prompt, "max_tokens": 3}, headers=HEADERS, timeout=120)
+        wait_for_records(service["data"], answer.json()["softwatch"]["request_ids"], timeout_s=60)
+        return {r["request_id"] for r in Store(service["data"]).rows("SELECT request_id FROM sequences")}
+
+    before = recorded_after("before")
     too_long = "x" * 200  # its 200 tokens and max_tokens exceed the context of 512
     with httpx.stream("POST", url, json={**fields, "prompt": ["ok", too_long], "stream": True}, headers=HEADERS,
                       timeout=120) as r:
         r.read()
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
-    assert records(service, 2) == ["cancelled", "length"]  # the admitted sibling did not finish as a success
+    assert len(recorded_after("after") - before) == 1  # the marker's: the refused request's sibling never ran
 
 
 def test_a_chunked_body_over_the_limit_is_a_413_and_one_within_it_is_served(service):

@@ -144,6 +144,14 @@ def test_every_accepted_seed_samples_the_same_tokens_twice(engine, seed):
     assert done[f"seeded-{seed}-a"].token_ids == done[f"seeded-{seed}-b"].token_ids
 
 
+def test_different_seeds_sample_different_tokens(engine):
+    seeds = [-1, 0, 1, 12345]  # distinct in their low 32 bits, all vLLM's CPU sampler uses
+    runs = {f"distinct-{seed}": (PROMPTS[1], DecodingParams(temperature=2.0, max_tokens=12, ignore_eos=True,
+                                                            seed=seed)) for seed in seeds}
+    done = run_to_end(engine, runs)
+    assert len({tuple(c.token_ids) for c in done.values()}) == len(seeds)
+
+
 def test_temperatures_vllm_raises_to_0_01_are_recorded_as_0_01_whoever_completes_them(engine, monkeypatch):
     """vLLM samples any temperature in (0, 0.01) at 0.01: the records say so, and those
     requests share 0.01's regime, whether the observer or the engine completes them."""

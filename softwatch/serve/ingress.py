@@ -1,7 +1,8 @@
 """The HTTP ingress: OpenAI-compatible routes in front of the LLM deployment.
 
-Every choice of a request is one call to the LLM deployment, so the choices of one request
-(and the requests of many clients) spread over replicas and batch together inside each.
+A request is one call to the LLM deployment: its choices run on one replica, admitted together
+(all or none), and the requests of many clients spread over replicas and batch together inside
+each.
 """
 
 
@@ -70,10 +71,17 @@ class _LimitBody:
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
             return await _too_large()(scope, receive, send)
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(receive)
+        except _ClientGone:  # mid-body: nothing complete to parse, nobody to answer
+            return
         if body is None:
             return await _too_large()(scope, receive, send)
         await self.inner(scope, _replay(body, receive), send)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
 
 
 async def _read_body(receive) -> bytes | None:
@@ -81,8 +89,8 @@ async def _read_body(receive) -> bytes | None:
     parts, size, more = [], 0, True
     while more:
         message = await receive()
-        if message["type"] != "http.request":  # the client went away: its answer goes nowhere
-            break
+        if message["type"] != "http.request":
+            raise _ClientGone
         parts.append(message.get("body", b""))
         size += len(parts[-1])
         if size > MAX_BODY_BYTES:
@@ -259,54 +267,49 @@ def _response(results: list[dict], rid: str, model: str, chat: bool, n: int) -> 
 
 
 class _Choices:
-    """The choices of one request, each a stream of the LLM deployment's events, merged as they
-    come. Each choice's stream starts with "admitted" (the replica's engine took it) or a failure."""
+    """A request's choices: the LLM deployment's one stream of events for all of them, pumped by
+    a task (so that cancelling is immediate). The stream starts with "admitted" (the replica took
+    every choice) or the request's refusal; then each event names its choice's "index"."""
 
-    def __init__(self, streams: dict[int, AsyncIterator[dict]]):
-        self._merged: asyncio.Queue = asyncio.Queue()
-        self._indices = set(streams)
-        self._tasks = [asyncio.create_task(self._pump(index, stream)) for index, stream in streams.items()]
-        self._running = len(streams)
-        self._early: list[tuple[int, dict]] = []  # events of admitted choices while the others are awaited
+    def __init__(self, stream: AsyncIterator[dict], indices: list[int]):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._running = set(indices)
+        self._task = asyncio.create_task(self._pump(stream))
 
-    async def _pump(self, index: int, stream: AsyncIterator[dict]) -> None:
-        async for event in stream:
-            await self._merged.put((index, event))
+    async def _pump(self, stream: AsyncIterator[dict]) -> None:
+        try:
+            async for event in stream:
+                await self._queue.put(event)
+        finally:
+            self._queue.put_nowait(None)  # the stream ended
 
     async def admission(self) -> dict | None:
-        """Waits until every choice is admitted or refused; returns the first failure, if any.
-        Even after a refusal it waits for the others: a call cancelled before its replica answered
-        may run on regardless (Serve may have sent it), one cancelled after is stopped and recorded."""
-        unheard, failure = set(self._indices), None
-        while unheard:
-            index, event = await self._next()
-            unheard.discard(index)
-            if _failed(event):
-                failure = failure or event
-            elif event["type"] != "admitted":
-                self._early.append((index, event))
-        return failure
+        """None once every choice is admitted; else the refusal (a 4xx, or a 503 at capacity),
+        which is the whole request's: none of its choices was decoded."""
+        event = await self._queue.get()
+        if event is None:
+            return _lost(None)
+        return None if event["type"] == "admitted" else event
 
-    async def events(self) -> AsyncIterator[tuple[int, dict]]:
-        """(index, event) of every choice after admission, until each is done or failed."""
+    async def events(self) -> AsyncIterator[tuple[int | None, dict]]:
+        """(index, event) of every choice after admission, until each is done or failed; a
+        failure of the whole stream (a replica that died) has index None."""
         try:
-            for item in self._early:
-                yield item
             while self._running:
-                yield await self._next()
+                event = await self._queue.get()
+                if event is None:  # the stream ended with choices unanswered
+                    yield None, _lost(min(self._running))
+                    return
+                index = event.get("index")
+                if event["type"] in ("done", "error"):
+                    self._running.discard(index)
+                yield index, event
         finally:  # the client went away, or the request failed
             self.cancel()
 
-    async def _next(self) -> tuple[int, dict]:
-        index, event = await self._merged.get()
-        if event["type"] in ("done", "error"):
-            self._running -= 1
-        return index, event
-
     def cancel(self) -> None:
         """Stop every choice still running in the LLM deployment."""
-        for task in self._tasks:
-            task.cancel()
+        self._task.cancel()
 
 
 async def _chunks(choices: _Choices, rid: str, model: str, fingerprint: str, chat: bool, n: int,
@@ -475,40 +478,42 @@ class Ingress:
         return _response(sorted(results, key=lambda r: r["index"]), rid, model, chat, body.n)
 
     async def _admit(self, calls: list[dict]) -> _Choices:
-        """The request's choices once every one is admitted: a choice refused (a 4xx, or a 503 at
-        capacity) is the status of the whole request, before any of it is answered, and its
-        admitted siblings are cancelled (recorded as such)."""
-        choices = _Choices({call["index"]: self._generate(call) for call in calls})
-        refused = await choices.admission()
+        """The request's choices once the replica admitted every one. All go to one replica in one
+        call, so that a choice refused (a 4xx, or a 503 at capacity) is the status of the whole
+        request before any choice decoded a token."""
+        choices = _Choices(self._generate(calls), [call["index"] for call in calls])
+        try:
+            refused = await choices.admission()
+        except BaseException:  # the client went away while the replica admitted: stop the choices
+            choices.cancel()
+            raise
         if refused is not None:
             choices.cancel()
             raise _failure(refused)
         return choices
 
-    async def _generate(self, call: dict) -> AsyncIterator[dict]:
-        """The LLM deployment's events of one choice, ending with "done" or "error": a call that
-        raises (a replica that died, a decode that failed) or ends without an answer ends with a
-        500 error event, its exception kept for the logs. Cancelled, it cancels the call."""
-        response = self.llm.options(stream=True).generate.remote(call)
+    async def _generate(self, calls: list[dict]) -> AsyncIterator[dict]:
+        """The LLM deployment's events for a request's choices: a call that raises (a replica that
+        died, a full queue) ends with an error event, its exception kept for the logs. Cancelled,
+        it cancels the call (the replica cancels the choices and records them "cancelled")."""
+        response = None
         try:
+            response = self.llm.options(stream=True).generate.remote({"choices": calls, "stream": calls[0]["stream"]})
             async for event in response:
                 yield event
-                if event["type"] in ("done", "error"):
-                    return
         except BackPressureError as exc:  # the LLM deployment's queue is full: shed the load
-            yield {"type": "error", "status": 503, "param": None, "retry_after_s": exc.retry_after_s or RETRY_AFTER_S,
-                   "message": "the service is at capacity; retry later"}
-            return
+            yield {"type": "error", "index": None, "status": 503, "param": None,
+                   "retry_after_s": exc.retry_after_s or RETRY_AFTER_S, "message": "the service is at capacity; retry later"}
         except asyncio.CancelledError:
-            response.cancel()  # the replica cancels the sequence and records it "cancelled"
+            if response is not None:
+                response.cancel()
             raise
         except Exception as exc:  # noqa: BLE001
-            log.warning("softwatch: %s failed in the LLM deployment", call["request_id"], exc_info=True)
-            yield {"type": "error", "status": 500, "param": None, "message": f"{type(exc).__name__}: {exc}"}
-            return
-        yield _lost(call)
+            log.warning("softwatch: %s failed in the LLM deployment", calls[0]["request_id"], exc_info=True)
+            yield {"type": "error", "index": None, "status": 500, "param": None,
+                   "message": f"{type(exc).__name__}: {exc}"}
 
 
-def _lost(call: dict) -> dict:
-    return {"type": "error", "status": 500, "param": None, "index": call["index"],
-            "message": f"the replica ended {call['request_id']} without an answer"}
+def _lost(index: int | None) -> dict:
+    return {"type": "error", "status": 500, "param": None, "index": index,
+            "message": "the replica ended the request without answering every choice"}

@@ -1,10 +1,11 @@
 """The LLM deployment: each replica owns a model, one continuously batched decode loop on its
 own thread, a ParquetSink and a telemetry provider.
 
-Requests arrive as concurrent async calls. Each is validated and tokenized (chat template
-included) in a worker thread of the event loop, so that nothing a request brings can stop the
-decode thread; then it is handed to the decode thread through an inbox and answered through an
-asyncio queue that the thread feeds with `loop.call_soon_threadsafe`. New requests join the
+Requests arrive as concurrent async calls, each with all its choices. Each choice is validated
+and tokenized (chat template included) in a worker thread of the event loop, so that nothing a
+request brings can stop the decode thread; then the request's choices are handed to the decode
+thread together through an inbox (the engine takes all or none) and answered through an asyncio
+queue that the thread feeds with `loop.call_soon_threadsafe`. New requests join the
 running batch between steps, as the engine's token budget admits them.
 
 Every request the engine took ends with exactly one record (written before its caller hears):
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -100,85 +102,110 @@ class LLMServer:
             raise RuntimeError(f"the engine failed its last {self.failed_steps} decode steps")
 
     # ---- requests -------------------------------------------------------------------------
-    async def generate(self, spec: dict):
-        """Events of one sequence: {"type": "admitted"} once the engine took it, {"type": "token", ...}
-        while it runs (when streaming), then {"type": "done", ...} or {"type": "error", ...}; a
-        sequence refused before the engine took it has only the error."""
+    async def generate(self, request: dict):
+        """Events of one request's choices (`request["choices"]`, each a spec with its "index"):
+        one {"type": "admitted"} once the engine took every choice, then, per choice,
+        {"type": "token", ...} events while it runs (when streaming) and one {"type": "done", ...} or
+        {"type": "error", ...}; every event but "admitted" names its choice's "index". A request
+        refused has one error, and none of its choices was decoded: they are prepared first, then
+        handed to the decode thread together."""
         if self._stopping:
-            yield {"type": "error", "status": 503, "param": None, "message": "the replica is shutting down"}
+            yield {"type": "error", "index": None, "status": 503, "param": None,
+                   "message": "the replica is shutting down"}
             return
         try:
-            params = dataclasses.replace(self.defaults, **spec["params"])
-            params.validate()
-        except InvalidRequest as exc:
-            yield {"type": "error", "status": 400, "param": exc.field, "message": str(exc)}
-            return
-        except TypeError as exc:
-            yield {"type": "error", "status": 400, "param": None, "message": str(exc)}
-            return
-        if spec.get("fault") and not self.fault:
-            yield {"type": "error", "status": 400, "param": "softwatch.inject_fault",
-                   "message": "fault injection is off on this deployment (set allow_fault_injection)"}
-            return
-        prompt = spec.get("messages") or spec.get("prompt")
-        try:
-            ids = await asyncio.to_thread(self.engine.prepare, prompt, params, "messages" in spec, spec.get("fault"))
-        except InvalidRequest as exc:
-            yield {"type": "error", "status": 400, "param": exc.field, "message": str(exc)}
-            return
-        except Exception as exc:  # noqa: BLE001 - this request's failure, not the replica's
-            log.exception("softwatch: preparing %s failed", spec["request_id"])
-            yield {"type": "error", "status": 500, "param": None,
-                   "message": f"preparing the request failed: {type(exc).__name__}: {exc}"}
+            prepared = [await self._prepare(spec) for spec in request["choices"]]
+        except _Refused as refusal:
+            yield refusal.event
             return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         put = _sender(loop, events)
-        on_token = (lambda token, lp: put(("token", token, lp))) if spec.get("stream") else None
-        rid = spec["request_id"]
-        text_of_prompt = prompt if isinstance(prompt, str) else repr(prompt)
-        self._inbox.put(("submit", rid, ids, params, on_token, put, text_of_prompt, spec.get("fault")))
-        finished = False
-        text = _TextStream(self.lm.tokenizer, params.stop)
+        for choice in prepared:
+            choice.put = functools.partial(_tagged, put, choice.index)
+            if request.get("stream"):
+                choice.on_token = functools.partial(_token_sender, put, choice.index)
+        self._inbox.put(("submit", prepared, put))
+        running = {choice.index: choice for choice in prepared}
+        texts = {choice.index: _TextStream(self.lm.tokenizer, choice.params.stop) for choice in prepared}
         deadline = loop.time() + self.request_timeout_s
         try:
-            while True:
+            while running:
                 try:
-                    event = await asyncio.wait_for(events.get(), timeout=max(deadline - loop.time(), 0))
+                    index, kind, *event = await asyncio.wait_for(events.get(), timeout=max(deadline - loop.time(), 0))
                 except TimeoutError:
-                    finished = True
-                    self._inbox.put(("cancel", rid, "timeout"))
-                    yield await self._timed_out(events)
+                    for choice in running.values():
+                        self._inbox.put(("cancel", choice.request_id, "timeout"))
+                    async for answer in self._timed_out(running, events):
+                        yield answer
+                    running.clear()
                     return
-                if event[0] == "admitted":
+                if kind == "admitted":
                     yield {"type": "admitted"}
-                elif event[0] == "token":
-                    yield {"type": "token", "text": text.push(event[1]),
-                           "logprobs": _logprobs(self.lm.tokenizer, event[2], event[1])}
-                elif event[0] == "error":
-                    finished = True
-                    yield {"type": "error", "status": event[1], "param": event[2], "message": event[3]}
-                    return
+                elif kind == "refused":  # no choice of the request decodes
+                    running.clear()
+                    yield {"type": "error", "index": index, "status": event[0], "param": event[1], "message": event[2]}
+                elif kind == "token":
+                    yield {"type": "token", "index": index, "text": texts[index].push(event[0]),
+                           "logprobs": _logprobs(self.lm.tokenizer, event[1], event[0])}
+                elif kind == "error":
+                    running.pop(index)
+                    yield {"type": "error", "index": index, "status": event[0], "param": event[1], "message": event[2]}
                 else:
-                    finished = True
-                    yield {"type": "done", "rest": event[1].text[text.sent_chars:], **self._result(event[1], spec)}
-                    return
+                    c = event[0]
+                    spec = running.pop(index).spec
+                    yield {"type": "done", "index": index, "rest": c.text[texts[index].sent_chars:],
+                           **self._result(c, spec)}
         finally:
-            if not finished:  # the client went away: stop decoding for it
-                self._inbox.put(("cancel", rid, "cancelled"))
+            for choice in running.values():  # the client went away: stop decoding for it
+                self._inbox.put(("cancel", choice.request_id, "cancelled"))
 
-    async def _timed_out(self, events: asyncio.Queue) -> dict:
-        """The answer to a request past its timeout, once the decode thread has recorded it
-        (finish_reason "timeout", or what it finished with in the meantime)."""
+    async def _prepare(self, spec: dict) -> _Choice:
+        """One choice validated and tokenized (chat template included) in a worker thread, so that
+        nothing a request brings can stop the event loop; raises _Refused (its error event)."""
+        def refused(status: int, param: str | None, message: str) -> _Refused:
+            return _Refused({"type": "error", "index": spec["index"], "status": status, "param": param,
+                             "message": message})
+
         try:
-            event = await asyncio.wait_for(events.get(), timeout=TIMEOUT_RECORD_WAIT_S)
-        except TimeoutError:
-            event = ("error", 503, None, "")
-        if event[0] == "error" and event[1] == 503:
-            return {"type": "error", "status": 503, "param": None,
-                    "message": "the request timed out and its record could not be confirmed; retry it"}
-        return {"type": "error", "status": 504, "param": None,
-                "message": f"the request did not finish within {self.request_timeout_s:g} s"}
+            params = dataclasses.replace(self.defaults, **spec["params"])
+            params.validate()
+        except InvalidRequest as exc:
+            raise refused(400, exc.field, str(exc)) from None
+        except TypeError as exc:
+            raise refused(400, None, str(exc)) from None
+        if spec.get("fault") and not self.fault:
+            raise refused(400, "softwatch.inject_fault",
+                          "fault injection is off on this deployment (set allow_fault_injection)")
+        prompt = spec.get("messages") or spec.get("prompt")
+        try:
+            ids = await asyncio.to_thread(self.engine.prepare, prompt, params, "messages" in spec, spec.get("fault"))
+        except InvalidRequest as exc:
+            raise refused(400, exc.field, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the replica's
+            log.exception("softwatch: preparing %s failed", spec["request_id"])
+            raise refused(500, None, f"preparing the request failed: {type(exc).__name__}: {exc}") from None
+        return _Choice(spec, ids, params, prompt if isinstance(prompt, str) else repr(prompt))
+
+    async def _timed_out(self, running: dict[int, _Choice], events: asyncio.Queue):
+        """The answers of choices past the request's timeout, once the decode thread has recorded
+        each (finish_reason "timeout", or what it finished with in the meantime)."""
+        loop = asyncio.get_running_loop()
+        deadline, unconfirmed = loop.time() + TIMEOUT_RECORD_WAIT_S, set(running)
+        while unconfirmed:
+            try:
+                index, kind, *event = await asyncio.wait_for(events.get(), timeout=max(deadline - loop.time(), 0))
+            except TimeoutError:
+                break
+            if kind in ("done", "error") and index in unconfirmed:
+                unconfirmed.discard(index)
+                if kind == "error" and event[0] == 503:
+                    yield _record_unconfirmed(index)
+                else:
+                    yield {"type": "error", "index": index, "status": 504, "param": None,
+                           "message": f"the request did not finish within {self.request_timeout_s:g} s"}
+        for index in unconfirmed:
+            yield _record_unconfirmed(index)
 
     def _result(self, c: Completion, spec: dict) -> dict:
         tok = self.lm.tokenizer
@@ -232,19 +259,31 @@ class LLMServer:
             if c is not None:  # else the engine ends it in a later step (vLLM), and answers then
                 self._finish(c, callers, prompts)
             return
-        _, rid, ids, params, on_token, put, prompt, fault = command
-        try:
-            self.engine.submit(ids, params, request_id=rid, on_token=on_token, fault=fault)
-        except InvalidRequest as exc:
-            put(("error", 400, exc.field, str(exc)))
-            return
-        except Exception as exc:  # noqa: BLE001 - this request's failure, not the loop's
-            log.exception("softwatch: submitting %s failed", rid)
-            put(("error", 500, None, f"the request could not be queued: {type(exc).__name__}"))
-            return
-        callers[rid] = put
-        prompts[rid] = prompt
-        put(("admitted",))
+        _, choices, put = command
+        self._submit(choices, put, callers, prompts)
+
+    def _submit(self, choices: list[_Choice], put: Callable, callers: dict, prompts: dict) -> None:
+        """Hand a request's choices to the engine together: every one is taken ("admitted"), or the
+        first refusal answers the request and the choices already taken are cancelled (each
+        recorded "cancelled", none answered) before any of them decoded a token."""
+        for taken, choice in enumerate(choices):
+            try:
+                self.engine.submit(choice.ids, choice.params, request_id=choice.request_id, on_token=choice.on_token,
+                                   fault=choice.fault)
+            except Exception as exc:  # noqa: BLE001 - this request's failure, not the loop's
+                if isinstance(exc, InvalidRequest):
+                    refusal = (400, exc.field, str(exc))
+                else:
+                    log.exception("softwatch: submitting %s failed", choice.request_id)
+                    refusal = (500, None, f"the request could not be queued: {type(exc).__name__}")
+                for sibling in choices[:taken]:
+                    callers.pop(sibling.request_id)
+                    self._command(("cancel", sibling.request_id, "cancelled"), callers, prompts)
+                put((choice.index, "refused", *refusal))
+                return
+            callers[choice.request_id] = choice.put
+            prompts[choice.request_id] = choice.prompt
+        put((None, "admitted"))
 
     def _finish(self, c: Completion, callers: dict, prompts: dict, error: tuple | None = None) -> None:
         """Record a request that left the engine, then answer its caller (if it still listens)."""
@@ -307,6 +346,50 @@ class _TextStream:
         delta, self.unsent = self.unsent[:cut], self.unsent[cut:]
         self.sent_chars += len(delta)
         return delta
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One choice of a request, prepared for the engine; `put` answers it, `on_token` streams it."""
+    spec: dict
+    ids: list[int]
+    params: DecodingParams
+    prompt: str  # what its record keeps (when the deployment stores text)
+    put: Callable[[tuple], None] | None = None
+    on_token: Callable | None = None
+
+    @property
+    def index(self) -> int:
+        return self.spec["index"]
+
+    @property
+    def request_id(self) -> str:
+        return self.spec["request_id"]
+
+    @property
+    def fault(self) -> str | None:
+        return self.spec.get("fault")
+
+
+class _Refused(Exception):
+    """A choice that cannot run; `event` is the request's error event."""
+
+    def __init__(self, event: dict):
+        super().__init__(event["message"])
+        self.event = event
+
+
+def _tagged(put: Callable[[tuple], None], index: int, event: tuple) -> None:
+    put((index, *event))
+
+
+def _token_sender(put: Callable[[tuple], None], index: int, token: int, logprobs: TokenLogprobs | None) -> None:
+    put((index, "token", token, logprobs))
+
+
+def _record_unconfirmed(index: int) -> dict:
+    return {"type": "error", "index": index, "status": 503, "param": None,
+            "message": "the request timed out and its record could not be confirmed; retry it"}
 
 
 def _sender(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[tuple], None]:
