@@ -1,5 +1,6 @@
 import importlib
 import os
+from collections.abc import Iterator
 
 # Nothing may be fetched at test time: an unknown hub id must fail at once, not after retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,23 +48,35 @@ def ray_cluster():
 API_KEY = "test-key"
 
 
+TINY_SERVICE = {"model": "tiny-random", "num_cpus": 0.5, "require_api_key": True, "max_batch": 16,
+                "defaults": {"temperature": 0.7, "max_tokens": 8},
+                "drift": {"interval_s": 2, "min_sequences": 20, "window": 20, "permutations": 999}}
+SMOL_SERVICE = {"model": "SmolLM2-135M-Instruct", "num_cpus": 1, "require_api_key": True, "max_batch": 32,
+                "torch_threads": 2}  # the real default model: the one vLLM runs
+
+
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
+    yield from serve_on(tmp_path_factory, **TINY_SERVICE)
+
+
+def serve_on(tmp_path_factory, **args) -> Iterator[dict]:
+    """Run the app with `args` (a data root and an API key file added) on a free port until the
+    caller's module is done; yields its url, data root, args, port, engine, and the served model's
+    id and context length (from the replica, so that tests derive their numbers from the model)."""
     from ray import serve
 
-    from softwatch.serve.app import run
+    from softwatch.serve.app import APP_NAME, run
 
     from .prometheus import free_port
 
-    data = str(tmp_path_factory.mktemp("serve-data"))
+    data = str(tmp_path_factory.mktemp(f"serve-{args.get('engine', 'auto')}-data"))
     key_file = tmp_path_factory.mktemp("secrets") / "api-key"
     key_file.write_text(API_KEY + "\n")
     port = free_port()
-    args = {"model": "tiny-random", "data": data, "num_cpus": 0.5, "api_key_file": str(key_file),
-            "require_api_key": True, "max_batch": 16,
-            "defaults": {"temperature": 0.7, "max_tokens": 8},
-            "drift": {"interval_s": 2, "min_sequences": 20, "window": 20, "permutations": 999}}
+    args = {**args, "data": data, "api_key_file": str(key_file)}
     run(args, port=port)
-    url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "data": data, "args": args, "port": port}
+    info = serve.get_deployment_handle("LLMServer", app_name=APP_NAME).info.remote().result()
+    yield {"url": f"http://127.0.0.1:{port}", "data": data, "args": args, "port": port, "model": info["model_id"],
+           "context_length": info["context_length"], "engine": args.get("engine", "auto")}
     serve.shutdown()  # the next module's service starts its own proxy on its own port

@@ -11,7 +11,7 @@ import pytest
 from softwatch.serve.llm import LLMServer
 from softwatch.store import Store
 
-from .conftest import API_KEY
+from .conftest import API_KEY, SMOL_SERVICE, serve_on
 from .test_engine import ALTERNATING_TEMPLATE, break_attention
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
@@ -170,25 +170,7 @@ def test_a_request_whose_record_cannot_be_written_is_not_answered_as_a_success(t
 def smol_service(request, ray_cluster, tmp_path_factory):
     """The service over the real default model, on each engine: its 49,152-token vocabulary is
     what made the old sampler's noise reach 1.0 in one step of ~340."""
-    yield from smol_service_on(request.param, ray_cluster, tmp_path_factory)
-
-
-def smol_service_on(engine: str, ray_cluster, tmp_path_factory, **args):
-    from ray import serve
-
-    from softwatch.serve.app import run
-
-    from .prometheus import free_port
-
-    data = str(tmp_path_factory.mktemp(f"smol-{engine}-data"))
-    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
-    key_file.write_text(API_KEY + "\n")
-    port = free_port()
-    args = {"engine": engine, "model": "SmolLM2-135M-Instruct", "data": data, "num_cpus": 1,
-            "api_key_file": str(key_file), "require_api_key": True, "max_batch": 32, "torch_threads": 2, **args}
-    run(args, port=port)
-    yield {"url": f"http://127.0.0.1:{port}", "data": data, "args": args, "port": port, "engine": engine}
-    serve.shutdown()
+    yield from serve_on(tmp_path_factory, engine=request.param, **SMOL_SERVICE)
 
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}

@@ -18,9 +18,8 @@ from softwatch.serve.app import run
 from softwatch.stats import FIELDS
 from softwatch.store import Store, wait_for_records
 
-from .conftest import API_KEY
+from .conftest import API_KEY, SMOL_SERVICE, serve_on
 from .reference import reference_vllm_stats
-from .test_replica import smol_service_on
 from .test_vllm import assert_fields_match, recorded, teacher_forced_logits
 
 pytest.importorskip("vllm")  # make test installs it; a machine without it runs the softwatch engine only
@@ -31,7 +30,7 @@ DEFAULTS = {"temperature": 0.7, "max_tokens": 16}
 
 @pytest.fixture(scope="module")
 def vllm_service(ray_cluster, tmp_path_factory):
-    yield from smol_service_on("vllm", ray_cluster, tmp_path_factory, defaults=DEFAULTS)
+    yield from serve_on(tmp_path_factory, engine="vllm", **SMOL_SERVICE, defaults=DEFAULTS)
 
 
 @pytest.fixture(scope="module")
