@@ -362,6 +362,7 @@ def test_drift_monitor_reports_the_config_push_over_http(service, client, model)
 
 
 def test_fault_injection_is_refused_unless_allowed(service):
+    # on both engines: the replica refuses it before any engine sees the request (LLMServer.generate)
     r = httpx.post(f"{service['url']}/v1/completions", json={"prompt": "x", "softwatch": {"inject_fault": "nonfinite"}},
                    headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "softwatch.inject_fault"
