@@ -126,7 +126,8 @@ def choices(*request_ids: str, **params) -> list[dict]:
 
 def test_a_requests_choices_are_admitted_once_together_and_each_answered(tmp_path):
     server = replica(tmp_path)
-    (events,) = gather(events_of(server, choices("a", "b", "c", max_tokens=3), stream=True))
+    # ignore_eos: an unseeded choice drew the end token before its third token about once in 40 runs
+    (events,) = gather(events_of(server, choices("a", "b", "c", max_tokens=3, ignore_eos=True), stream=True))
     assert events[0] == {"type": "admitted"} and all(e["type"] != "admitted" for e in events[1:])
     assert sorted(e["index"] for e in events if e["type"] == "done") == [0, 1, 2]
     assert [sum(e["type"] == "token" and e["index"] == i for e in events) for i in range(3)] == [3, 3, 3]
