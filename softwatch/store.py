@@ -504,11 +504,13 @@ class Store:
             try:
                 relation = self.con.sql(sql, params=params)
                 return relation.to_arrow_table() if relation is not None else pa.table({})
-            except duckdb.IOException as exc:  # a file compacted away between listing and reading
-                if attempt == 2 or "No such file" not in str(exc) and "not found" not in str(exc).lower():
-                    raise
-            except duckdb.InvalidInputException as exc:  # a newer file listed before an older one
-                if self._union or "schema mismatch" not in str(exc):
+            except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+                if _vanished(exc):  # a file compacted away between listing and reading: list again
+                    if attempt == 2:
+                        raise
+                    continue
+                # A newer file listed before an older one.
+                if not isinstance(exc, duckdb.InvalidInputException) or self._union or "schema mismatch" not in str(exc):
                     raise
                 self._union = True
                 self._native = dict.fromkeys(SCHEMAS, False)
@@ -555,6 +557,13 @@ class Store:
             return full.empty_table()
         partitioning = ds.partitioning(pa.schema([DT]), flavor="hive")
         return ds.dataset(directory, filesystem=self.fs, format="parquet", partitioning=partitioning, schema=full)
+
+
+def _vanished(exc: Exception) -> bool:
+    """Whether a query failed on a file that was listed and is gone: DuckDB's own reader on a
+    local disk, or a pyarrow dataset (a URI root) on a local disk or an object store."""
+    message = str(exc)
+    return any(m in message for m in ("No such file", "NO_SUCH_KEY", "NoSuchKey")) or "not found" in message.lower()
 
 
 def _has_files(fs: pafs.FileSystem, directory: str) -> bool:
