@@ -64,6 +64,13 @@ def _is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
+def _make_dir(fs: pafs.FileSystem, directory: str) -> None:
+    """A directory on a local disk. An object store has none: a key is written under any
+    prefix, and pyarrow's markers for empty directories would only cost requests."""
+    if _is_local(fs):
+        fs.create_dir(directory, recursive=True)
+
+
 def _write_parquet(fs: pafs.FileSystem, table: pa.Table, final: str) -> None:
     """Write `table` so that `final` appears whole or not at all. On a local disk a file that
     has the name already stays, and this raises FileExistsError."""
@@ -135,7 +142,7 @@ class ParquetSink:
         if flush_rows < 1 or flush_interval_s <= 0 or max_pending_rows < 1:
             raise ValueError("flush_rows and max_pending_rows must be >= 1 and flush_interval_s > 0")
         self.fs, self.path = open_root(root)
-        self.fs.create_dir(self.path, recursive=True)
+        _make_dir(self.fs, self.path)  # on an object store, nothing: a sink starts while the store is unreachable
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
         self.token_sample_rate = token_sample_rate
@@ -267,7 +274,7 @@ class ParquetSink:
                 path = f"{directory}/part-{batch.name}.parquet"
                 if path in batch.written or batch.recovered and _holds(self.fs, directory, path):
                     continue
-                self.fs.create_dir(directory, recursive=True)
+                _make_dir(self.fs, directory)
                 _write_parquet(self.fs, part, path)
                 batch.written.add(path)
                 self.rows_written[table] += part.num_rows
@@ -311,7 +318,7 @@ class ParquetSink:
     def _write(self, tables: dict[str, pa.Table]) -> None:
         for table, data in list(tables.items()):
             for directory, part in self._by_day(table, data):
-                self.fs.create_dir(directory, recursive=True)
+                _make_dir(self.fs, directory)
                 _write_parquet(self.fs, part, f"{directory}/part-{self._batch_name()}.parquet")
             del tables[table]
             self.rows_written[table] += data.num_rows

@@ -318,7 +318,7 @@ def test_an_interrupted_compaction_is_finished_by_the_next(root, completions):
             sink.write_completion(c, RecordContext())
     inputs = root.files("tokens")
     partition = inputs[0].rsplit("/", 1)[0]
-    assert len(inputs) > 1 and {p.rsplit("/", 1)[0] for p in inputs} == {partition}
+    assert inputs and {p.rsplit("/", 1)[0] for p in inputs} == {partition}
     # What a compaction killed between publishing its output and deleting its inputs leaves:
     import pyarrow.parquet as pq
 
