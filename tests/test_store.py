@@ -150,6 +150,24 @@ def test_a_query_racing_a_compaction_is_retried_and_counts_each_row_once(root, m
     assert count(store, "SELECT count(*) FROM sequences") == 12
 
 
+def test_an_s3_endpoint_given_in_the_root_uri_needs_no_endpoint_variable(s3_endpoint, monkeypatch, tmp_path,
+                                                                          completions):
+    """`?endpoint_override=...&scheme=http&region=...` on the root: the way to name an endpoint per root
+    (without `region`, pyarrow asks AWS itself where the bucket is)."""
+    uri = f"{s3_endpoint.new_root().uri}?endpoint_override=127.0.0.1:{s3_endpoint.port}&scheme=http&region=us-east-1"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SOFTWATCH_CACHE", str(tmp_path / "cache"))
+    with ParquetSink(uri) as sink:
+        for c in completions:
+            sink.write_completion(c, RecordContext())
+    store = Store(uri)
+    assert count(store, "SELECT count(*) FROM sequences") == len(completions)
+    assert count(store, "SELECT count(*) FROM tokens") == sum(len(c.token_ids) for c in completions)
+    compact(uri)
+    assert count(store, "SELECT count(*) FROM tokens") == sum(len(c.token_ids) for c in completions)
+
+
 def test_partitions_by_day_and_prunes(root, completions):
     c = completions[0]
     old = type(c)(**{**c.__dict__, "request_id": "old", "created": time.time() - 3 * 86400})
