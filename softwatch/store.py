@@ -3,10 +3,12 @@ dataset, and compaction.
 
 Layout: `<root>/<table>/dt=YYYY-MM-DD/part-<writer>-<n>.parquet`. Every writer names its
 files with its own id, so any number of replicas write to one root without coordination.
-On a local disk a file is written under a hidden temporary name and renamed into place;
-object stores (S3, GCS) publish an object only when its upload completes. Either way a
-reader never sees a half-written file, and a writer killed mid-write leaves only a hidden
-`.tmp` file that readers ignore and compaction removes.
+On a local disk a file is written under a hidden temporary name and renamed into place,
+and a writer killed mid-write leaves only a hidden `.tmp` file that readers ignore and
+compaction removes; object stores (S3, GCS) publish an object only when its upload
+completes, and an upload cut short publishes nothing. Either way a reader never sees a
+half-written file. Object stores have no directories (none are made there) and no rename;
+tests/test_store.py and tests/test_journal.py run against a local root and an S3 endpoint.
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ def _make_dir(fs: pafs.FileSystem, directory: str) -> None:
 
 def _write_parquet(fs: pafs.FileSystem, table: pa.Table, final: str) -> None:
     """Write `table` so that `final` appears whole or not at all. On a local disk a file that
-    has the name already stays, and this raises FileExistsError."""
+    has the name already stays, and this raises FileExistsError. An object store has no
+    rename and pyarrow no conditional write, so there the name is not guarded: names are
+    unique to their writer, and the only writes that meet an existing one (a retried flush, a
+    recovery that found no file) hold the same rows."""
     # Dictionary-encode the columns that repeat (regime, ids, counts), not the statistics:
     # on near-unique floats a dictionary only costs time.
     options = dict(compression="zstd", use_dictionary=[
