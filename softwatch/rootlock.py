@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import pyarrow.fs as pafs
 
 LOCK_NAME = "_compact.lock"
+SETTLE_S = 2.0  # the lease's pause between writing it and reading it back
 
 
 class CompactionRunning(RuntimeError):
@@ -28,8 +29,9 @@ class CompactionRunning(RuntimeError):
 
 @contextmanager
 def exclusive(fs: pafs.FileSystem, root: str, lease_s: float = 3600.0,
-              settle_s: float = 2.0) -> Iterator[Callable[[], None]]:
+              settle_s: float | None = None) -> Iterator[Callable[[], None]]:
     """Hold the root's compaction lock; yields `renew`, to call at least every `lease_s`."""
+    settle_s = SETTLE_S if settle_s is None else settle_s
     if isinstance(fs, pafs.LocalFileSystem):
         with _flocked(f"{root}/{LOCK_NAME}"):
             yield lambda: None

@@ -3,10 +3,12 @@ dataset, and compaction.
 
 Layout: `<root>/<table>/dt=YYYY-MM-DD/part-<writer>-<n>.parquet`. Every writer names its
 files with its own id, so any number of replicas write to one root without coordination.
-On a local disk a file is written under a hidden temporary name and renamed into place;
-object stores (S3, GCS) publish an object only when its upload completes. Either way a
-reader never sees a half-written file, and a writer killed mid-write leaves only a hidden
-`.tmp` file that readers ignore and compaction removes.
+On a local disk a file is written under a hidden temporary name and renamed into place,
+and a writer killed mid-write leaves only a hidden `.tmp` file that readers ignore and
+compaction removes; object stores (S3, GCS) publish an object only when its upload
+completes, and an upload cut short publishes nothing. Either way a reader never sees a
+half-written file. Object stores have no directories (none are made there) and no rename;
+tests/test_store.py and tests/test_journal.py run against a local root and an S3 endpoint.
 """
 
 from __future__ import annotations
@@ -64,9 +66,19 @@ def _is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
+def _make_dir(fs: pafs.FileSystem, directory: str) -> None:
+    """A directory on a local disk. An object store has none: a key is written under any
+    prefix, and pyarrow's markers for empty directories would only cost requests."""
+    if _is_local(fs):
+        fs.create_dir(directory, recursive=True)
+
+
 def _write_parquet(fs: pafs.FileSystem, table: pa.Table, final: str) -> None:
     """Write `table` so that `final` appears whole or not at all. On a local disk a file that
-    has the name already stays, and this raises FileExistsError."""
+    has the name already stays, and this raises FileExistsError. An object store has no
+    rename and pyarrow no conditional write, so there the name is not guarded: names are
+    unique to their writer, and the only writes that meet an existing one (a retried flush, a
+    recovery that found no file) hold the same rows."""
     # Dictionary-encode the columns that repeat (regime, ids, counts), not the statistics:
     # on near-unique floats a dictionary only costs time.
     options = dict(compression="zstd", use_dictionary=[
@@ -135,7 +147,7 @@ class ParquetSink:
         if flush_rows < 1 or flush_interval_s <= 0 or max_pending_rows < 1:
             raise ValueError("flush_rows and max_pending_rows must be >= 1 and flush_interval_s > 0")
         self.fs, self.path = open_root(root)
-        self.fs.create_dir(self.path, recursive=True)
+        _make_dir(self.fs, self.path)  # on an object store, nothing: a sink starts while the store is unreachable
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
         self.token_sample_rate = token_sample_rate
@@ -267,7 +279,7 @@ class ParquetSink:
                 path = f"{directory}/part-{batch.name}.parquet"
                 if path in batch.written or batch.recovered and _holds(self.fs, directory, path):
                     continue
-                self.fs.create_dir(directory, recursive=True)
+                _make_dir(self.fs, directory)
                 _write_parquet(self.fs, part, path)
                 batch.written.add(path)
                 self.rows_written[table] += part.num_rows
@@ -312,7 +324,7 @@ class ParquetSink:
     def _write(self, tables: dict[str, pa.Table]) -> None:
         for table, data in list(tables.items()):
             for directory, part in self._by_day(table, data):
-                self.fs.create_dir(directory, recursive=True)
+                _make_dir(self.fs, directory)
                 _write_parquet(self.fs, part, f"{directory}/part-{self._batch_name()}.parquet")
             del tables[table]
             self.rows_written[table] += data.num_rows
@@ -505,11 +517,13 @@ class Store:
             try:
                 relation = self.con.sql(sql, params=params)
                 return relation.to_arrow_table() if relation is not None else pa.table({})
-            except duckdb.IOException as exc:  # a file compacted away between listing and reading
-                if attempt == 2 or "No such file" not in str(exc) and "not found" not in str(exc).lower():
-                    raise
-            except duckdb.InvalidInputException as exc:  # a newer file listed before an older one
-                if self._union or "schema mismatch" not in str(exc):
+            except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+                if _vanished(exc):  # a file compacted away between listing and reading: list again
+                    if attempt == 2:
+                        raise
+                    continue
+                # A newer file listed before an older one.
+                if not isinstance(exc, duckdb.InvalidInputException) or self._union or "schema mismatch" not in str(exc):
                     raise
                 self._union = True
                 self._native = dict.fromkeys(SCHEMAS, False)
@@ -556,6 +570,13 @@ class Store:
             return full.empty_table()
         partitioning = ds.partitioning(pa.schema([DT]), flavor="hive")
         return ds.dataset(directory, filesystem=self.fs, format="parquet", partitioning=partitioning, schema=full)
+
+
+def _vanished(exc: Exception) -> bool:
+    """Whether a query failed on a file that was listed and is gone: DuckDB's own reader on a
+    local disk, or a pyarrow dataset (a URI root) on a local disk or an object store."""
+    message = str(exc)
+    return any(m in message for m in ("No such file", "NO_SUCH_KEY", "NoSuchKey")) or "not found" in message.lower()
 
 
 def _has_files(fs: pafs.FileSystem, directory: str) -> bool:

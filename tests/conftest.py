@@ -80,3 +80,28 @@ def serve_on(tmp_path_factory, **args) -> Iterator[dict]:
     yield {"url": f"http://127.0.0.1:{port}", "data": data, "args": args, "port": port, "model": info["model_id"],
            "context_length": info["context_length"], "engine": args.get("engine", "auto")}
     serve.shutdown()  # the next module's service starts its own proxy on its own port
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server for the session, configured through the standard AWS variables."""
+    from .s3 import S3Endpoint
+
+    endpoint = S3Endpoint(tmp_path_factory.mktemp("moto"))
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in endpoint.env.items():
+            env.setenv(name, value)
+        yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path, monkeypatch):
+    """A dataset root: a local directory, or `s3://<fresh bucket>/data` on moto's server. The
+    journal of an object-store root lives in the local cache: a per-test one here."""
+    from .s3 import Root
+
+    if request.param == "local":
+        return Root(str(tmp_path / "data"))
+    monkeypatch.setenv("SOFTWATCH_CACHE", str(tmp_path / "cache"))
+    return request.getfixturevalue("s3_endpoint").new_root()

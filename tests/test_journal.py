@@ -41,24 +41,24 @@ def assert_exactly_once(root, request_ids: set[str]) -> None:
 
 
 @pytest.mark.parametrize("point", FLUSH_POINTS)
-def test_a_kill_at_any_point_of_a_flush_or_of_its_recovery_keeps_every_answered_record_once(tmp_path, point):
+def test_a_kill_at_any_point_of_a_flush_or_of_its_recovery_keeps_every_answered_record_once(root, point):
     """A writer is killed at `point` of a flush; a recoverer is killed at the same point of
     its flush of the orphan; a compaction merges whatever files there are; the next sink
     recovers the rest. The dataset then holds each answered request exactly once."""
-    writer = run_writer(tmp_path, "kill-at", 40, point)
+    writer = run_writer(root, "kill-at", 40, point)
     assert writer.returncode == -signal.SIGKILL, writer.stderr
     assert writer.stdout.split() == ["answered", "40"]
-    recoverer = run_writer(tmp_path, "recover", 0, point)
+    recoverer = run_writer(root, "recover", 0, point)
     if point == "released":  # the writer had released its segment: nothing to recover
         assert recoverer.returncode == 0 and recoverer.stdout.strip() == "recovered", recoverer.stderr
     else:
         assert recoverer.returncode == -signal.SIGKILL, recoverer.stderr
-    compact(str(tmp_path))
-    ParquetSink(str(tmp_path)).close()
-    answered = {r["request_id"] for r in Store(str(tmp_path)).rows("SELECT DISTINCT request_id FROM sequences")}
+    compact(root.uri)
+    ParquetSink(root.uri).close()
+    answered = {r["request_id"] for r in Store(root.uri).rows("SELECT DISTINCT request_id FROM sequences")}
     assert len(answered) == 40
-    assert_exactly_once(tmp_path, answered)
-    assert not list((tmp_path / "_journal").iterdir())
+    assert_exactly_once(root, answered)
+    assert not list(root.journal_dir.iterdir())
 
 
 def test_a_segment_is_recovered_even_when_its_writer_s_pid_is_the_recoverer_s(tmp_path):
@@ -121,42 +121,44 @@ def test_a_name_already_taken_is_never_replaced(tmp_path, monkeypatch, fallback)
     assert (tmp_path / "free").read_text() == "new" and not (tmp_path / "new").exists()
 
 
-def test_a_writer_id_given_again_destroys_no_record(tmp_path):
+def test_a_writer_id_given_again_destroys_no_record(root):
     """Explicit writer ids repeat across restarts: an earlier run's files, and a dead writer's
-    segment that the next sink recovers while journaling records of its own, keep their rows."""
+    segment that the next sink recovers while journaling records of its own, keep their rows.
+    On S3, where a write replaces what has the name, this holds because no two sinks share one."""
     earlier, later = synthetic_completions(2, hours=0.01)
-    with ParquetSink(str(tmp_path), writer="w") as sink:
+    with ParquetSink(root.uri, writer="w") as sink:
         sink.write_completion(earlier, RecordContext())
-    dead = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "hold", "3", "w"], stdout=subprocess.PIPE, text=True)
+    dead = subprocess.Popen([sys.executable, WRITER, root.uri, "hold", "3", "w"], stdout=subprocess.PIPE, text=True)
     try:
         assert dead.stdout.readline().strip() == "ready"
     finally:
         dead.kill()
         dead.wait()
-    with ParquetSink(str(tmp_path), writer="w", flush_interval_s=3600) as sink:
+    with ParquetSink(root.uri, writer="w", flush_interval_s=3600) as sink:
         sink.write_completion(later, RecordContext())
-    answered = {r["request_id"] for r in Store(str(tmp_path)).rows("SELECT DISTINCT request_id FROM sequences")}
+    answered = {r["request_id"] for r in Store(root.uri).rows("SELECT DISTINCT request_id FROM sequences")}
     assert len(answered) == 5 and {earlier.request_id, later.request_id} <= answered
-    assert_exactly_once(tmp_path, answered)
+    assert_exactly_once(root, answered)
 
 
-def journal_dead_writer_s(root: Path, name: str, completions) -> None:
-    segment = journal.create(str(root / "_journal"), name)
+def journal_dead_writer_s(journal_dir: Path, name: str, completions) -> None:
+    segment = journal.create(str(journal_dir), name)
     for c in completions:
         segment.append(encode(Entry(c, RecordContext(), True, None)))
     segment.close()
 
 
-def test_a_recovered_backlog_is_written_at_once_one_segment_at_a_time_and_refuses_no_new_record(tmp_path):
+def test_a_recovered_backlog_is_written_at_once_one_segment_at_a_time_and_refuses_no_new_record(root):
     """A replica restarting after a crash: the dead writer's backlog, twice the bound, does
-    not count against new records; it goes out without waiting for the flush interval."""
+    not count against new records; it goes out without waiting for the flush interval. The
+    store is failing as the replica starts (on S3: unreachable) and comes back later."""
     bound = 5 * (TOKENS_PER_SEQUENCE + 1)
     backlog = synthetic_completions(20, hours=0.01)
-    journal_dead_writer_s(tmp_path, "dead-000000", backlog[:10])
-    journal_dead_writer_s(tmp_path, "dead-000001", backlog[10:])
-    blocker = tmp_path / "tokens"
-    blocker.write_text("a file where the tokens directory should be: every flush fails")
-    sink = ParquetSink(str(tmp_path), flush_interval_s=3600, max_pending_rows=bound)
+    journal_dead_writer_s(root.journal_dir, "dead-000000", backlog[:10])
+    journal_dead_writer_s(root.journal_dir, "dead-000001", backlog[10:])
+    failing = root.writes_failing()
+    failing.__enter__()
+    sink = ParquetSink(root.uri, flush_interval_s=3600, max_pending_rows=bound)
     deadline = time.time() + 30
     while sink._batches[0].entries is None and time.time() < deadline:
         time.sleep(0.05)  # the flush that recovery makes due at once fails on the blocker
@@ -169,13 +171,13 @@ def test_a_recovered_backlog_is_written_at_once_one_segment_at_a_time_and_refuse
         except RecordNotDurable:
             refused.append(c.request_id)
     assert len(accepted) == 5 and len(refused) == 2  # bounded by new records alone
-    blocker.unlink()
+    failing.__exit__(None, None, None)
     deadline = time.time() + 30
-    while not (tmp_path / "sequences").exists() and time.time() < deadline:
+    while not root.exists("sequences") and time.time() < deadline:
         time.sleep(0.05)  # the background thread retries by itself, long before flush_interval_s
-    assert (tmp_path / "sequences").exists()
+    assert root.exists("sequences")
     sink.close()
-    assert_exactly_once(tmp_path, {c.request_id for c in backlog} | set(accepted))
+    assert_exactly_once(root, {c.request_id for c in backlog} | set(accepted))
 
 
 def test_a_recovered_backlog_is_held_in_memory_one_segment_at_a_time(tmp_path, monkeypatch):
@@ -225,12 +227,12 @@ def test_a_full_disk_refuses_the_record_and_leaves_no_torn_frame(tmp_path):
     assert_exactly_once(tmp_path, set(answered))
 
 
-def test_failed_flushes_stop_accepting_records_past_the_bound_and_are_retried(tmp_path):
+def test_failed_flushes_stop_accepting_records_past_the_bound_and_are_retried(root):
     completions = synthetic_completions(12, hours=0.01)
-    sink = ParquetSink(str(tmp_path), flush_interval_s=0.05, max_pending_rows=5 * (TOKENS_PER_SEQUENCE + 1))
+    sink = ParquetSink(root.uri, flush_interval_s=0.05, max_pending_rows=5 * (TOKENS_PER_SEQUENCE + 1))
     recorder = Recorder(RecordContext(), sink)
-    blocker = tmp_path / "tokens"
-    blocker.write_text("a file where the tokens directory should be: every flush fails")
+    failing = root.writes_failing()
+    failing.__enter__()
     accepted, refused = [], []
     for c in completions:
         try:
@@ -239,14 +241,14 @@ def test_failed_flushes_stop_accepting_records_past_the_bound_and_are_retried(tm
         except RecordNotDurable:
             refused.append(c.request_id)
     assert len(accepted) == 5 and len(refused) == 7
-    blocker.unlink()
+    failing.__exit__(None, None, None)
     deadline = time.time() + 30
-    while not (tmp_path / "sequences").exists() and time.time() < deadline:
+    while not root.exists("sequences") and time.time() < deadline:
         time.sleep(0.05)  # the background thread retries by itself
     recorder.record(completions[-1])  # accepted again once the backlog is written
     accepted.append(completions[-1].request_id)
     recorder.close()
-    assert_exactly_once(tmp_path, set(accepted))
+    assert_exactly_once(root, set(accepted))
 
 
 def test_without_store_text_no_file_under_the_data_root_holds_the_text(tmp_path):
@@ -283,9 +285,10 @@ def test_no_module_unpickles():
             assert not names & unsafe, f"{path} imports {names & unsafe}"
 
 
-def test_one_compaction_at_a_time(tmp_path):
+def test_one_compaction_at_a_time(root):
+    """Locally an flock; on S3 the lease object."""
     completions = synthetic_completions(30, hours=0.01)
-    with ParquetSink(str(tmp_path)) as sink:
+    with ParquetSink(root.uri) as sink:
         for c in completions:
             sink.write_completion(c, RecordContext())
             sink.flush()  # one small file per request
@@ -293,29 +296,34 @@ def test_one_compaction_at_a_time(tmp_path):
 
     def second_compaction(message: str) -> None:  # runs while the first holds the root
         try:
-            compact(str(tmp_path))
+            compact(root.uri)
         except rootlock.CompactionRunning as exc:
             refusals.append(exc)
 
-    first = compact(str(tmp_path), progress=second_compaction)
-    assert first.rows_moved > 0 and refusals
-    compact(str(tmp_path))  # the lock is free again
-    assert_exactly_once(tmp_path, {c.request_id for c in completions})
+    first = compact(root.uri, progress=second_compaction)
+    assert first.rows_moved == 30 * (TOKENS_PER_SEQUENCE + 1) and refusals
+    assert root.local or not root.exists(rootlock.LOCK_NAME)  # the lease is deleted; a local flock file stays
+    again = compact(root.uri)  # the lock is free again
+    assert again.files_before == again.files_after == 2
+    assert_exactly_once(root, {c.request_id for c in completions})
 
 
-def test_the_object_store_lease_admits_one_compaction_until_it_expires(tmp_path):
+def test_the_object_store_lease_admits_one_compaction_until_it_expires(root):
     import pyarrow.fs as pafs
 
-    (tmp_path / "root").mkdir()
-    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not local: the lease path
-    with rootlock.exclusive(fs, "root", settle_s=0.01) as renew:
+    if root.local:  # a filesystem that is not LocalFileSystem takes the lease path
+        os.makedirs(root.path)
+        fs, path = pafs.SubTreeFileSystem(root.path, pafs.LocalFileSystem()), ""
+    else:
+        fs, path = root.fs, root.path
+    with rootlock.exclusive(fs, path, settle_s=0.01) as renew:
         renew()
         with pytest.raises(rootlock.CompactionRunning):
-            with rootlock.exclusive(fs, "root", settle_s=0.01):
+            with rootlock.exclusive(fs, path, settle_s=0.01):
                 pass
-    assert not (tmp_path / "root" / rootlock.LOCK_NAME).exists()
-    with rootlock.exclusive(fs, "root", lease_s=-1, settle_s=0.01):  # a holder that died: its lease expired
-        with rootlock.exclusive(fs, "root", settle_s=0.01):
+    assert not root.exists(rootlock.LOCK_NAME)
+    with rootlock.exclusive(fs, path, lease_s=-1, settle_s=0.01):  # a holder that died: its lease expired
+        with rootlock.exclusive(fs, path, settle_s=0.01):
             pass
 
 

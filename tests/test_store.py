@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from softwatch import rootlock
 from softwatch.engine import DecodingParams, Engine
 from softwatch.records import (DRIFT_REPORTS, REGIME_COLUMNS, SEQUENCES, TOKENS, RecordContext, keeps_tokens,
                                token_table)
@@ -50,20 +51,20 @@ def test_token_rows_carry_every_field_and_the_regime(completions):
             assert r["temperature"] == c.regime["temperature"] and r["replica"] == "r7" and r["deployment"] == "d"
 
 
-def test_text_is_stored_only_when_enabled(tmp_path, completions):
-    with ParquetSink(str(tmp_path)) as sink:
+def test_text_is_stored_only_when_enabled(root, completions):
+    with ParquetSink(root.uri) as sink:
         sink.write_completion(completions[0], RecordContext(), prompt="hello there")
         sink.write_completion(completions[1], RecordContext(store_text=True), prompt="abc")
-    rows = Store(str(tmp_path)).rows("SELECT request_id, prompt, text FROM sequences ORDER BY request_id")
+    rows = Store(root.uri).rows("SELECT request_id, prompt, text FROM sequences ORDER BY request_id")
     assert rows[0]["prompt"] is None and rows[0]["text"] is None
     assert rows[1]["prompt"] == "abc" and rows[1]["text"] == completions[1].text
 
 
-def test_token_count_matches_sequences_and_every_row_has_its_regime(tmp_path, completions):
-    with ParquetSink(str(tmp_path), flush_rows=7) as sink:  # many small files
+def test_token_count_matches_sequences_and_every_row_has_its_regime(root, completions):
+    with ParquetSink(root.uri, flush_rows=7) as sink:  # many small files
         for c in completions:
             sink.write_completion(c, RecordContext(replica="a"))
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM tokens") == count(store, "SELECT sum(generated_tokens) FROM sequences") \
         == sum(len(c.token_ids) for c in completions)
     for column in REGIME_COLUMNS:
@@ -78,13 +79,13 @@ def test_token_count_matches_sequences_and_every_row_has_its_regime(tmp_path, co
     assert all(r["perplexity"] == pytest.approx(expected[r["request_id"]]) for r in summary)
 
 
-def test_generate_cli_runs_add_up(tmp_path):
-    root = str(tmp_path / "data")
+def test_generate_cli_runs_add_up(root):
+    """On S3 the CLI finds the endpoint and credentials in the standard AWS variables."""
     for extra in (["--temperature", "0"], ["--temperature", "0.9", "--top-k", "20", "--seed", "4"]):
         r = subprocess.run([sys.executable, "-m", "softwatch.cli", "generate", "hi", "--model", "tiny-random",
-                            "--max-tokens", "6", "--data", root, *extra], capture_output=True, text=True, timeout=300)
+                            "--max-tokens", "6", "--data", root.uri, *extra], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "softwatch.cli", "sql", "--data", root, "--json",
+    r = subprocess.run([sys.executable, "-m", "softwatch.cli", "sql", "--data", root.uri, "--json",
                         "SELECT (SELECT count(*) FROM tokens) AS t, (SELECT sum(generated_tokens)::BIGINT FROM sequences) "
                         "AS g, (SELECT count(DISTINCT params_id) FROM tokens) AS p"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -92,20 +93,20 @@ def test_generate_cli_runs_add_up(tmp_path):
     assert out["t"] == out["g"] and 2 <= out["t"] <= 12 and out["p"] == 2
 
 
-def test_empty_root_has_empty_views(tmp_path):
-    store = Store(str(tmp_path / "nothing-yet"))
+def test_empty_root_has_empty_views(root):
+    store = Store(f"{root.uri}/nothing-yet")
     for table, schema in (("tokens", TOKENS), ("sequences", SEQUENCES), ("drift_reports", DRIFT_REPORTS)):
         result = store.query(f"SELECT * FROM {table}")
         assert result.num_rows == 0 and result.column_names == schema.names + ["dt"]
 
 
-def test_new_files_are_seen_by_the_next_query(tmp_path, completions):
-    store = Store(str(tmp_path))
+def test_new_files_are_seen_by_the_next_query(root, completions):
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM sequences") == 0
-    with ParquetSink(str(tmp_path)) as sink:
+    with ParquetSink(root.uri) as sink:
         sink.write_completion(completions[0], RecordContext())
     assert count(store, "SELECT count(*) FROM sequences") == 1
-    with ParquetSink(str(tmp_path)) as sink:
+    with ParquetSink(root.uri) as sink:
         sink.write_completion(completions[1], RecordContext())
     assert count(store, "SELECT count(*) FROM sequences") == 2
 
@@ -121,33 +122,78 @@ def test_uri_roots_read_through_pyarrow_datasets(tmp_path, completions):
     assert count(store, "SELECT count(*) FROM drift_reports") == 0
 
 
-def test_partitions_by_day_and_prunes(tmp_path, completions):
+@pytest.mark.parametrize("root", ["s3"], indirect=True)  # a local root is read through DuckDB's own glob
+def test_a_query_racing_a_compaction_is_retried_and_counts_each_row_once(root, monkeypatch):
+    """The files a query listed are merged and deleted before it reads them: the query lists
+    again instead of failing, and reads each row once."""
+    from softwatch.bench.store import synthetic_completions
+
+    batch = synthetic_completions(12, hours=0.01)
+    with ParquetSink(root.uri) as sink:
+        for c in batch:
+            sink.write_completion(c, RecordContext())
+            sink.flush()  # one small file per request
+    monkeypatch.setattr(rootlock, "SETTLE_S", 0.05)
+    store = Store(root.uri)
+    listing, compactions = store._dataset, []
+
+    def list_then_compact(table, schema):  # the reader lists; a compaction runs before it reads
+        dataset = listing(table, schema)
+        if table == "tokens" and not compactions:
+            compactions.append(compact(root.uri))
+        return dataset
+
+    monkeypatch.setattr(store, "_dataset", list_then_compact)
+    assert count(store, "SELECT count(*) FROM tokens") == 12 * 256
+    assert compactions[0].files_before == 2 * 12 and compactions[0].files_after == 2
+    assert count(store, "SELECT count(*) FROM (SELECT DISTINCT request_id, position FROM tokens)") == 12 * 256
+    assert count(store, "SELECT count(*) FROM sequences") == 12
+
+
+def test_an_s3_endpoint_given_in_the_root_uri_needs_no_endpoint_variable(s3_endpoint, monkeypatch, tmp_path,
+                                                                          completions):
+    """`?endpoint_override=...&scheme=http&region=...` on the root: the way to name an endpoint per root
+    (without `region`, pyarrow asks AWS itself where the bucket is)."""
+    uri = f"{s3_endpoint.new_root().uri}?endpoint_override=127.0.0.1:{s3_endpoint.port}&scheme=http&region=us-east-1"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SOFTWATCH_CACHE", str(tmp_path / "cache"))
+    with ParquetSink(uri) as sink:
+        for c in completions:
+            sink.write_completion(c, RecordContext())
+    store = Store(uri)
+    assert count(store, "SELECT count(*) FROM sequences") == len(completions)
+    assert count(store, "SELECT count(*) FROM tokens") == sum(len(c.token_ids) for c in completions)
+    compact(uri)
+    assert count(store, "SELECT count(*) FROM tokens") == sum(len(c.token_ids) for c in completions)
+
+
+def test_partitions_by_day_and_prunes(root, completions):
     c = completions[0]
     old = type(c)(**{**c.__dict__, "request_id": "old", "created": time.time() - 3 * 86400})
-    with ParquetSink(str(tmp_path)) as sink:
+    with ParquetSink(root.uri) as sink:
         sink.write_completion(c, RecordContext())
         sink.write_completion(old, RecordContext())
-    days = sorted(p.name for p in (tmp_path / "tokens").iterdir())
+    days = root.names("tokens")
     assert len(days) == 2 and all(d.startswith("dt=") for d in days)
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM tokens WHERE dt = current_date - 3") == len(old.token_ids)
     # A corrupt file in another day's partition is never opened when the query filters on dt.
-    (tmp_path / "tokens" / "dt=2999-01-01").mkdir()
-    (tmp_path / "tokens" / "dt=2999-01-01" / "part-x-000000.parquet").write_bytes(b"not parquet")
+    root.write_bytes("tokens/dt=2999-01-01/part-x-000000.parquet", b"not parquet")
     assert count(store, "SELECT count(*) FROM tokens WHERE dt BETWEEN current_date - 3 AND current_date") == \
         len(old.token_ids) + len(c.token_ids)
     with pytest.raises(Exception):
         store.query("SELECT count(*) FROM tokens")
 
 
-def test_token_sample_rate_keeps_whole_requests(tmp_path):
+def test_token_sample_rate_keeps_whole_requests(root):
     from softwatch.bench.store import synthetic_completions
 
     batch = synthetic_completions(400, hours=0.1)
-    with ParquetSink(str(tmp_path), token_sample_rate=0.25) as sink:
+    with ParquetSink(root.uri, token_sample_rate=0.25) as sink:
         for c in batch:
             sink.write_completion(c, RecordContext())
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM sequences") == 400
     kept = count(store, "SELECT count(*) FROM sequences WHERE tokens_kept")
     assert 60 <= kept <= 140
@@ -156,10 +202,10 @@ def test_token_sample_rate_keeps_whole_requests(tmp_path):
         store, "SELECT sum(generated_tokens) FROM sequences WHERE tokens_kept")
 
 
-def test_flushes_by_age(tmp_path, completions):
-    sink = ParquetSink(str(tmp_path), flush_interval_s=0.2)
+def test_flushes_by_age(root, completions):
+    sink = ParquetSink(root.uri, flush_interval_s=0.2)
     sink.write_completion(completions[0], RecordContext())
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     deadline = time.time() + 10
     while count(store, "SELECT count(*) FROM sequences") == 0 and time.time() < deadline:
         time.sleep(0.05)
@@ -167,132 +213,142 @@ def test_flushes_by_age(tmp_path, completions):
     sink.close()
 
 
-def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path, completions):
-    sink = ParquetSink(str(tmp_path), flush_interval_s=3600)
+def test_a_failed_write_keeps_the_rows_for_the_next_flush(root, completions):
+    sink = ParquetSink(root.uri, flush_interval_s=3600)
     sink.write_completion(completions[0], RecordContext())
-    blocker = tmp_path / "tokens"
-    blocker.write_text("a file where the tokens directory should be")
-    with pytest.raises(OSError):
-        sink.flush()
-    blocker.unlink()
+    with root.writes_failing():
+        with pytest.raises(OSError):
+            sink.flush()
     sink.close()
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM tokens") == len(completions[0].token_ids)
     assert count(store, "SELECT count(*) FROM sequences") == 1
 
 
-def test_drift_reports_table_takes_rows(tmp_path):
+def test_drift_reports_table_takes_rows(root):
     from datetime import datetime, timezone
 
     now = datetime.now(timezone.utc)
-    with ParquetSink(str(tmp_path)) as sink:
+    with ParquetSink(root.uri) as sink:
         sink.write_row("drift_reports", {"report_id": "r1", "ts": now, "metric": "mean_entropy", "verdict": "drift"})
         with pytest.raises(ValueError, match="unknown table"):
             sink.write_row("nope", {})
-    assert Store(str(tmp_path)).rows("SELECT report_id, verdict FROM drift_reports") == [
+    assert Store(root.uri).rows("SELECT report_id, verdict FROM drift_reports") == [
         {"report_id": "r1", "verdict": "drift"}]
 
 
-def test_sigterm_loses_nothing(tmp_path):
-    proc = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "hold", "300"], stdout=subprocess.PIPE, text=True)
+def test_sigterm_loses_nothing(root):
+    proc = subprocess.Popen([sys.executable, WRITER, root.uri, "hold", "300"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    assert not (tmp_path / "tokens").exists()  # all of it is still in the buffer
+    assert not root.exists("tokens")  # all of it is still in the buffer
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == -signal.SIGTERM
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM sequences") == 300
     assert count(store, "SELECT count(*) FROM tokens") == 300 * 256
 
 
-def test_sigkill_after_answering_loses_no_record(tmp_path):
+def test_sigkill_after_answering_loses_no_record(root):
     """Records still in the buffer when the process is killed come back from the journal."""
-    proc = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "hold", "120"], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, WRITER, root.uri, "hold", "120"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"  # every write_completion has returned
     proc.kill()
     proc.wait()
-    assert not (tmp_path / "sequences").exists()
-    ParquetSink(str(tmp_path)).close()  # a new writer on this host recovers the dead one's journal
-    store = Store(str(tmp_path))
+    assert not root.exists("sequences")
+    assert len(list(root.journal_dir.glob("*.wal"))) == 1
+    ParquetSink(root.uri).close()  # a new writer on this host recovers the dead one's journal
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM sequences") == 120
+    assert count(store, "SELECT count(DISTINCT request_id) FROM sequences") == 120
     assert count(store, "SELECT count(*) FROM tokens") == 120 * 256
-    assert not list((tmp_path / "_journal").iterdir())
-    ParquetSink(str(tmp_path)).close()
+    assert not list(root.journal_dir.iterdir())
+    ParquetSink(root.uri).close()
     assert count(store, "SELECT count(*) FROM sequences") == 120  # recovered once, not twice
 
 
-def test_sigkill_mid_write_leaves_a_readable_dataset(tmp_path):
-    proc = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "forever", "200"], stdout=subprocess.PIPE, text=True)
+def test_sigkill_mid_write_leaves_a_readable_dataset(root):
+    """Locally a half-written file has a hidden temporary name; on S3 an upload cut short is
+    never published."""
+    proc = subprocess.Popen([sys.executable, WRITER, root.uri, "forever", "200"], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     deadline = time.time() + 60
-    while len(list(tmp_path.glob("tokens/*/*.parquet"))) < 5 and time.time() < deadline:
+    while len(root.files("tokens")) < 5 and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.137)
     proc.kill()
     proc.wait()
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     tokens = count(store, "SELECT count(*) FROM tokens")
     assert tokens > 0 and tokens % 256 == 0  # only whole files, so whole sequences
     assert count(store, "SELECT count(*) FROM tokens WHERE entropy IS NULL") == 0
-    for leftover in tmp_path.glob("*/*/.*.tmp"):
+    for leftover in root.files(None, ".*.tmp") if root.local else []:
         os.utime(leftover, (0, 0))  # age any half-written file past the staleness limit
-    result = compact(str(tmp_path))
-    assert not list(tmp_path.glob("*/*/.*.tmp"))
+    result = compact(root.uri)
+    assert not root.files(None, ".*.tmp")
     assert result.files_after < result.files_before
     assert count(store, "SELECT count(*) FROM tokens") == tokens
 
 
-def test_two_writers_lose_nothing_and_collide_on_no_name(tmp_path):
-    procs = [subprocess.Popen([sys.executable, WRITER, str(tmp_path), "stream", "300"],
+def test_two_writers_lose_nothing_and_collide_on_no_name(root):
+    procs = [subprocess.Popen([sys.executable, WRITER, root.uri, "stream", "300"],
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     written = [p.communicate(timeout=300)[0].split() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert written == [["76800", "300"], ["76800", "300"]]
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM tokens") == 2 * 76800
+    assert count(store, "SELECT count(*) FROM (SELECT DISTINCT request_id, position FROM tokens)") == 2 * 76800
+    assert count(store, "SELECT count(*) FROM sequences") == 600
     assert count(store, "SELECT count(DISTINCT request_id) FROM sequences") == 600
 
 
-def test_two_writers_with_default_ids_never_share_a_file_name(tmp_path):
-    procs = [subprocess.Popen([sys.executable, WRITER, str(tmp_path), "stream", "200"], stdout=subprocess.PIPE,
+def test_two_writers_with_default_ids_never_share_a_file_name(root):
+    procs = [subprocess.Popen([sys.executable, WRITER, root.uri, "stream", "200"], stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]
     for p in procs:
         p.communicate(timeout=300)
-    names = [f.name for f in tmp_path.glob("sequences/*/*.parquet")]  # a batch's files share a name across tables
+    names = [f.rsplit("/", 1)[1] for f in root.files("sequences")]  # a batch's files share a name across tables
     writers = {n.split("-", 1)[1].rsplit("-", 1)[0] for n in names}
     assert len(writers) == 2 and len(names) == len(set(names))
-    assert count(Store(str(tmp_path)), "SELECT count(*) FROM sequences") == 400
+    assert count(Store(root.uri), "SELECT count(*) FROM sequences") == 400
 
 
-def test_compaction_while_writing_loses_and_duplicates_nothing(tmp_path):
-    writer = subprocess.Popen([sys.executable, WRITER, str(tmp_path), "stream", "600"], stdout=subprocess.PIPE, text=True)
+def test_compaction_while_writing_loses_and_duplicates_nothing(root, monkeypatch):
+    monkeypatch.setattr(rootlock, "SETTLE_S", 0.2)  # the object-store lease's pause: a few compactions per write
+    writer = subprocess.Popen([sys.executable, WRITER, root.uri, "stream", "600"], stdout=subprocess.PIPE, text=True)
     runs = 0
     while writer.poll() is None:
-        compact(str(tmp_path), target_bytes=64 << 20)
+        compact(root.uri, target_bytes=64 << 20)
         runs += 1
-    compact(str(tmp_path), target_bytes=64 << 20)
+    compact(root.uri, target_bytes=64 << 20)
     assert writer.returncode == 0 and runs >= 2
-    store = Store(str(tmp_path))
+    store = Store(root.uri)
     assert count(store, "SELECT count(*) FROM tokens") == 600 * 256
     assert count(store, "SELECT count(*) FROM (SELECT DISTINCT request_id, position FROM tokens)") == 600 * 256
     assert count(store, "SELECT count(*) FROM sequences") == 600
-    files = list(tmp_path.glob("tokens/*/*.parquet"))
+    files = root.files("tokens")
     assert len(files) <= 2  # merged (one per day partition touched)
 
 
-def test_an_interrupted_compaction_is_finished_by_the_next(tmp_path, completions):
-    with ParquetSink(str(tmp_path), flush_rows=5) as sink:
+def test_an_interrupted_compaction_is_finished_by_the_next(root, completions):
+    with ParquetSink(root.uri, flush_rows=5) as sink:
         for c in completions:
             sink.write_completion(c, RecordContext())
-    partition = next((tmp_path / "tokens").iterdir())
-    inputs = sorted(str(p) for p in partition.glob("*.parquet"))
+    inputs = root.files("tokens")
+    partition = inputs[0].rsplit("/", 1)[0]
+    assert inputs and {p.rsplit("/", 1)[0] for p in inputs} == {partition}
     # What a compaction killed between publishing its output and deleting its inputs leaves:
-    import json
-
     import pyarrow.parquet as pq
 
-    merged = pa.concat_tables([pq.read_table(p) for p in inputs])
-    pq.write_table(merged, partition / "compact-killed.parquet")
-    (partition / "_compact-killed.parquet.json").write_text(
-        json.dumps({"output": str(partition / "compact-killed.parquet"), "inputs": inputs}))
-    compact(str(tmp_path))
-    assert count(Store(str(tmp_path)), "SELECT count(*) FROM tokens") == sum(len(c.token_ids) for c in completions)
+    merged = pa.concat_tables([pq.read_table(p, filesystem=root.fs) for p in inputs])
+    pq.write_table(merged, f"{partition}/compact-killed.parquet", filesystem=root.fs)
+    day = partition.rsplit("/", 1)[1]
+    root.write_bytes(f"tokens/{day}/_compact-killed.parquet.json",
+                     json.dumps({"output": f"{partition}/compact-killed.parquet", "inputs": inputs}).encode())
+    compact(root.uri)
+    assert root.files("tokens") == [f"{partition}/compact-killed.parquet"]
+    assert not root.files("tokens", "_compact-*")
+    store = Store(root.uri)
+    assert count(store, "SELECT count(*) FROM tokens") == sum(len(c.token_ids) for c in completions)
+    assert count(store, "SELECT count(*) FROM (SELECT DISTINCT request_id, position FROM tokens)") == \
+        sum(len(c.token_ids) for c in completions)
