@@ -43,6 +43,33 @@ class CUSUM:
         self.upper = self.lower = 0.0
         self.drift_detected = False
 
+    def update_many(self, xs: np.ndarray) -> int | None:
+        """`update` over each of `xs` in order, vectorized; stops at the first alarm and returns
+        its index in `xs` (None: no alarm, all of `xs` fed). Non-finite values are skipped."""
+        xs = np.asarray(xs, np.float64)
+        finite = np.isfinite(xs)
+        z = (xs[finite] - self.mean) / self.std
+        if not len(z):
+            return None
+        upper = lindley(z - self.k, self.upper)
+        lower = lindley(-z - self.k, self.lower)
+        over = np.flatnonzero(np.maximum(upper, lower) > self.threshold)
+        stop = int(over[0]) if len(over) else len(z) - 1
+        self.upper, self.lower = float(upper[stop]), float(lower[stop])
+        self.n += stop + 1
+        self.drift_detected = bool(len(over))
+        return int(np.flatnonzero(finite)[stop]) if len(over) else None
+
+    def state(self) -> dict:
+        return {"mean": float(self.mean), "std": float(self.std), "threshold": float(self.threshold),
+                "k": float(self.k), "upper": float(self.upper), "lower": float(self.lower), "n": int(self.n)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> CUSUM:
+        detector = cls(state["mean"], state["std"], state["threshold"], state["k"])
+        detector.upper, detector.lower, detector.n = state["upper"], state["lower"], state["n"]
+        return detector
+
     @classmethod
     def calibrated(cls, reference: np.ndarray, target_arl: float = 500, k: float = 0.25, streams: int = 400,
                    seed: int = 0) -> CUSUM:
@@ -71,7 +98,7 @@ class PoissonCUSUM:
     and then any event is evidence of change)."""
 
     def __init__(self, rate: float, threshold: float, ratio: float = 2.0, min_rate: float = 1e-6):
-        self.rate, self.threshold, self.ratio = max(rate, min_rate), threshold, ratio
+        self.rate, self.threshold, self.ratio, self.min_rate = max(rate, min_rate), threshold, ratio, min_rate
         self.statistic = 0.0
         self.n = 0
         self.drift_detected = False
@@ -87,6 +114,32 @@ class PoissonCUSUM:
         self.statistic = 0.0
         self.drift_detected = False
 
+    def update_many(self, counts: np.ndarray, exposures: np.ndarray) -> int | None:
+        """`update` over each (count, exposure) in order, vectorized; stops at the first alarm and
+        returns its index (None: no alarm). Pairs with a non-finite member are skipped."""
+        counts, exposures = np.asarray(counts, np.float64), np.asarray(exposures, np.float64)
+        finite = np.isfinite(counts) & np.isfinite(exposures)
+        steps = counts[finite] * math.log(self.ratio) - exposures[finite] * self.rate * (self.ratio - 1)
+        if not len(steps):
+            return None
+        path = lindley(steps, self.statistic)
+        over = np.flatnonzero(path > self.threshold)
+        stop = int(over[0]) if len(over) else len(steps) - 1
+        self.statistic = float(path[stop])
+        self.n += stop + 1
+        self.drift_detected = bool(len(over))
+        return int(np.flatnonzero(finite)[stop]) if len(over) else None
+
+    def state(self) -> dict:
+        return {"rate": float(self.rate), "threshold": float(self.threshold), "ratio": float(self.ratio),
+                "min_rate": float(self.min_rate), "statistic": float(self.statistic), "n": int(self.n)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> PoissonCUSUM:
+        detector = cls(state["rate"], state["threshold"], state["ratio"], state["min_rate"])
+        detector.statistic, detector.n = state["statistic"], state["n"]
+        return detector
+
     @classmethod
     def calibrated(cls, counts: np.ndarray, exposures: np.ndarray, target_arl: float = 500, ratio: float = 2.0,
                    streams: int = 400, seed: int = 0, min_rate: float = 1e-6) -> PoissonCUSUM:
@@ -101,11 +154,13 @@ class PoissonCUSUM:
         return cls(rate, threshold, ratio, min_rate)
 
 
-def lindley(increments: np.ndarray) -> np.ndarray:
-    """S_t = max(0, S_{t-1} + x_t) from S_0 = 0 along the last axis, without a loop over t:
-    S_t = C_t − min(0, min_{s<=t} C_s), with C the cumulative sum."""
+def lindley(increments: np.ndarray, start: float = 0.0) -> np.ndarray:
+    """S_t = max(0, S_{t-1} + x_t) from S_0 = `start` >= 0 along the last axis, without a loop
+    over t: S_t = C_t − min(−start, min_{s<=t} C_s), with C the cumulative sum. float32 for the
+    simulated paths of calibration (start 0); float64 for a live detector's state."""
     c = np.cumsum(increments, axis=-1, dtype=np.float64)
-    return (c - np.minimum(np.minimum.accumulate(c, axis=-1), 0)).astype(np.float32)
+    s = c - np.minimum(np.minimum.accumulate(c, axis=-1), -start)
+    return s.astype(np.float32) if start == 0 and s.ndim > 1 else s
 
 
 def threshold_for_arl(paths: np.ndarray, target_arl: float) -> float:
