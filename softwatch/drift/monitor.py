@@ -361,6 +361,7 @@ class Monitor:
         alarms = []
         if len(sample):
             watch["watermark_us"] = max(int(sample.ts.max()), watch["watermark_us"] or 0)
+            watch["sequences_fed"] = watch.get("sequences_fed", 0) + len(sample)
         for metric, d in watch["detectors"].items():
             count = COUNT_METRICS.get(metric)
             values = sample.counts[metric] if count else sample.metrics[metric]
