@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+GUARANTEE = 0.9  # share of the plausible true distributions whose ARL reaches the target
+
 
 class CUSUM:
     """Standardized two-sided CUSUM of a sequence-level statistic.
@@ -72,21 +74,25 @@ class CUSUM:
 
     @classmethod
     def calibrated(cls, reference: np.ndarray, target_arl: float = 500, k: float = 0.25, streams: int = 400,
-                   seed: int = 0) -> CUSUM:
+                   seed: int = 0, guarantee: float | None = GUARANTEE, truths: int = 400) -> CUSUM:
+        """The detector standardized with the mean and std of `reference` (the reference in use),
+        with the threshold whose ARL is `target_arl`: under the reference's own distribution
+        (simulated), raised by what the plausible true distributions need, in `guarantee` of
+        them (module docstring). `guarantee=None`: no raise."""
         reference = np.asarray(reference, np.float64)
         reference = reference[np.isfinite(reference)]
         mean, std = float(reference.mean()), float(reference.std()) or 1.0
         rng = np.random.default_rng(seed)
-        # Each simulated stream standardizes with the mean and std of its own bootstrap copy of
-        # the reference: the live detector's mean and std are estimates too, and a small
-        # reference's estimation error would otherwise bring false alarms far sooner than promised.
-        boot = reference[rng.integers(0, len(reference), (streams, len(reference)))]
-        stream_mean, stream_std = boot.mean(axis=1), boot.std(axis=1)
-        stream_std[stream_std == 0] = 1.0
-        length = path_length(target_arl)
-        steps = (reference[rng.integers(0, len(reference), (streams, length))] - stream_mean[:, None]) / stream_std[:, None]
+        z = (reference - mean) / std  # as the live detector will see the reference's distribution
+        steps = z[rng.integers(0, len(z), (streams, path_length(target_arl)))]
         paths = np.maximum(lindley(steps - k), lindley(-steps - k))
-        return cls(mean, std, threshold_for_arl(paths, target_arl), k)
+        threshold = threshold_for_arl(paths, target_arl)
+        if guarantee is not None and len(z) > 1:
+            plausible = z[rng.integers(0, len(z), (truths, len(z)))]  # bootstrap: the truth, seen through (mean, std)
+            needed = _siegmund_threshold(np.vstack([z, plausible]), k, target_arl)
+            raise_by = float(np.quantile(needed[1:] - needed[0], guarantee))
+            threshold += min(max(raise_by, 0.0), 3 * threshold)
+        return cls(mean, std, threshold, k)
 
 
 class PoissonCUSUM:
@@ -142,14 +148,29 @@ class PoissonCUSUM:
 
     @classmethod
     def calibrated(cls, counts: np.ndarray, exposures: np.ndarray, target_arl: float = 500, ratio: float = 2.0,
-                   streams: int = 400, seed: int = 0, min_rate: float = 1e-6) -> PoissonCUSUM:
+                   streams: int = 400, seed: int = 0, min_rate: float = 1e-6,
+                   guarantee: float | None = GUARANTEE) -> PoissonCUSUM:
+        """The reference rate is the `guarantee` upper bound of the rate the reference allows
+        (Jeffreys posterior: Gamma(events + ½, exposure)), so a clean reference (no events) does
+        not claim a rate of zero; the threshold gives `target_arl` when that is the true rate,
+        simulated from the reference's own sequences (their exposures, and the clustering of
+        their events) plus Poisson events at the rest of the rate."""
         counts, exposures = np.asarray(counts, np.float64), np.asarray(exposures, np.float64)
-        rate = max(float(counts.sum() / max(exposures.sum(), 1.0)), min_rate)
-        increments = counts * math.log(ratio) - exposures * rate * (ratio - 1)
+        finite = np.isfinite(counts) & np.isfinite(exposures)
+        counts, exposures = counts[finite], exposures[finite]
+        events, exposure = float(counts.sum()), max(float(exposures.sum()), 1.0)
+        observed = events / exposure
+        if guarantee is None:
+            rate = max(observed, min_rate)
+        else:
+            from scipy.stats import gamma
+
+            rate = max(float(gamma.ppf(guarantee, events + 0.5)) / exposure, observed, min_rate)
         rng = np.random.default_rng(seed)
-        paths = lindley(increments[rng.integers(0, len(increments), (streams, path_length(target_arl)))])
-        # a clean reference never moves the statistic off zero: the smallest threshold that one
-        # event crosses is the right one (any event is news)
+        pick = rng.integers(0, len(counts), (streams, path_length(target_arl)))
+        simulated = counts[pick] + rng.poisson((rate - observed) * exposures[pick]) if rate > observed else counts[pick]
+        increments = simulated * math.log(ratio) - exposures[pick] * rate * (ratio - 1)
+        paths = lindley(increments)
         threshold = threshold_for_arl(paths, target_arl) if paths.max() > 0 else math.log(ratio) / 2
         return cls(rate, threshold, ratio, min_rate)
 
@@ -161,6 +182,39 @@ def lindley(increments: np.ndarray, start: float = 0.0) -> np.ndarray:
     c = np.cumsum(increments, axis=-1, dtype=np.float64)
     s = c - np.minimum(np.minimum.accumulate(c, axis=-1), -start)
     return s.astype(np.float32) if start == 0 and s.ndim > 1 else s
+
+
+def _siegmund_threshold(truths: np.ndarray, k: float, target_arl: float) -> np.ndarray:
+    """Per row of standardized values (a true distribution, as the detector standardizes it),
+    the two-sided CUSUM threshold with ARL `target_arl` by Siegmund's approximation: one side
+    with increments Y of mean μ < 0 has ARL(h) ≈ (e^{θb} − θb − 1) / (θ|μ|), b = h + 1.166·sd(Y),
+    θ > 0 the root of E e^{θY} = 1; the sides together 1 / (1/ARL⁺ + 1/ARL⁻). Used for the
+    differences between rows, which cancel most of the approximation's error."""
+    sides = []
+    for y in (truths - k, -truths - k):
+        mu, sd = y.mean(axis=1), y.std(axis=1)
+        lo, hi = np.full(len(y), 1e-6), np.full(len(y), 50.0)
+        for _ in range(60):  # E e^{θY} = 1, in logs: convex in θ, zero at 0, negative just after
+            mid = (lo + hi) / 2
+            m = y.max(axis=1)
+            value = np.log(np.mean(np.exp(mid[:, None] * (y - m[:, None])), axis=1)) + mid * m
+            below = value < 0
+            lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+        sides.append((hi, np.maximum(-mu, 1e-9), 1.166 * sd))
+
+    def arl(h):
+        inverse = 0.0
+        for theta, drift, rho in sides:
+            b = np.minimum(theta * (h + rho), 700)
+            inverse = inverse + theta * drift / np.maximum(np.expm1(b) - b, 1e-300)
+        return 1 / inverse
+
+    lo, hi = np.zeros(len(truths)), np.full(len(truths), 1e4)
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        short = arl(mid) < target_arl
+        lo, hi = np.where(short, mid, lo), np.where(short, hi, mid)
+    return hi
 
 
 def threshold_for_arl(paths: np.ndarray, target_arl: float) -> float:
