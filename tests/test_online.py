@@ -93,3 +93,22 @@ def test_poisson_cusum_after_a_clean_reference_needs_evidence():
     assert np.mean(lengths) < 0.5  # 20,000 sequences at that rate: mostly no alarm
     burst = PoissonCUSUM.from_state(clean.state())
     assert burst.update_many(np.full(50, 2.0), np.full(50, 30.0)) is not None  # a real rise: found
+
+
+def test_compaction_neither_refeeds_nor_loses_sequences(tmp_path):
+    from softwatch.store import compact
+
+    for i in range(3):
+        write_regime(tmp_path, 150, params_id="p", temperature=0.7, start=START + timedelta(minutes=10 * i), seed=20 + i)
+    first = {r["metric"]: r["n_current"] for r in _online(Monitor(str(tmp_path), CONFIG).run())}
+    assert set(first.values()) == {300}
+    compact(str(tmp_path))  # the three files become one whose rows were all fed
+    monitor = Monitor(str(tmp_path), CONFIG)
+    again = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
+    assert again == first
+    assert [r["sequences"] for r in monitor.regimes()] == [450]
+    write_regime(tmp_path, 100, params_id="p", temperature=0.7, start=START + timedelta(hours=1), seed=30)
+    compact(str(tmp_path))  # fed and new rows merged into one file: the new ones are fed, once
+    monitor = Monitor(str(tmp_path), CONFIG)
+    later = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
+    assert set(later.values()) == {400} and [r["sequences"] for r in monitor.regimes()] == [550]

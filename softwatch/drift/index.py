@@ -56,13 +56,10 @@ AGGREGATE = (
 
 @dataclass
 class Refresh:
-    """What one refresh found: files added since the last one, and for each added file
-    whether all of its rows were seen before (a compaction of files already indexed), none
-    were, or some were (then only its rows after `watermark`s are new)."""
+    """What one refresh found: the files added and removed since the last one."""
 
     added: list[str]
     removed: list[str]
-    seen_before: dict[str, str]  # added file -> "all" | "none" | "some"
     first: bool  # no index existed before this refresh
 
 
@@ -84,8 +81,6 @@ class RegimeIndex:
         indexed = set(self.table["file"].to_pylist())
         added = sorted(present - indexed)
         removed = sorted(indexed - present)
-        known = {f.rsplit("/", 1)[1] for f in indexed}
-        seen_before = {f: self._seen(f, known) for f in added}
         if removed:
             keep = pa.array([f not in set(removed) for f in self.table["file"].to_pylist()])
             self.table = self.table.filter(keep)
@@ -93,7 +88,7 @@ class RegimeIndex:
             self.table = pa.concat_tables([self.table, *[self._aggregate(f) for f in added]])
         if added or removed or first:
             self._save()
-        return Refresh(added, removed, seen_before, first)
+        return Refresh(added, removed, first)
 
     def _list(self) -> list[str]:
         base = f"{self.path}/sequences"
@@ -103,20 +98,24 @@ class RegimeIndex:
             return []
         return [i.path[len(self.path) + 1:] for i in infos if _is_data_file(i)]
 
-    def _seen(self, file: str, known: set[str]) -> str:
-        """Whether the rows of a newly listed file were indexed before, under other names."""
+    def parts_of(self, file: str) -> list[str]:
+        """The writers' `part-` files whose rows `file` holds: itself, or those a compaction
+        merged into it (its `softwatch.sources` metadata)."""
         name = file.rsplit("/", 1)[1]
         if name.startswith("part-"):
-            return "none"
+            return [name]
         try:
             with self.fs.open_input_file(f"{self.path}/{file}") as f:
-                sources = json.loads((pq.read_metadata(f).metadata or {}).get(SOURCES_KEY, b"[]"))
+                return json.loads((pq.read_metadata(f).metadata or {}).get(SOURCES_KEY, b"[]")) or [name]
         except (OSError, ValueError):
-            return "some"
-        if not sources:
-            return "none"
-        seen = sum(s in known for s in sources)
-        return "all" if seen == len(sources) else ("none" if seen == 0 else "some")
+            return [name]
+
+    def seen_before(self, file: str, known: set[str]) -> str:
+        """Whether the rows of `file` are those of `part-` files named in `known`: "all" of them
+        (a compaction of known files), "none" (a writer's new file) or "some"."""
+        parts = self.parts_of(file)
+        seen = sum(p in known for p in parts)
+        return "all" if seen == len(parts) else ("none" if seen == 0 else "some")
 
     def _aggregate(self, file: str) -> pa.Table:
         part = dataset([file], self.fs, self.path)

@@ -308,27 +308,29 @@ class Monitor:
         label = _describe(_regime_filter(regime))
         state = OnlineState.load(self.index.fs, self.index.path)
         files = self.index.files_of(regime)
+        settings = {"window": w, "target_arl": self.config.target_arl}
         watch = state.regimes.get(label)
-        if watch is None:  # the first run that sees this regime past its reference window
-            watch = state.regimes[label] = {"fed": [], "watermark_us": None, "detectors": {}}
+        if watch is None or watch.get("settings") != settings:  # first seen past its reference window, or retuned
+            watch = state.regimes[label] = {"fed": {}, "watermark_us": None, "detectors": {}, "settings": settings}
             for metric in METRICS:
                 watch["detectors"][metric] = _collecting(COUNT_METRICS.get(metric))
             self._feed(watch, reference)
             batches = self._stream(files, [], regime, offset=w)
         else:
-            fed = set(watch["fed"])
-            known = {f.rsplit("/", 1)[1] for f in fed}
+            fed = watch["fed"]
+            known = {part for parts in fed.values() for part in parts}
             full, partial = [], []
             for f in files:
                 if f in fed:
                     continue
-                seen = self.index._seen(f, known)
+                seen = self.index.seen_before(f, known)
                 (full if seen == "none" else partial if seen == "some" else []).append(f)
             batches = self._stream(full, partial, regime, after_us=watch["watermark_us"])
         alarms = []
         for batch in batches:
             alarms += self._feed(watch, _sample(batch, label), batch.column("request_id"))
-        watch["fed"] = sorted(files)
+        # the files fed, with the writers' part files each holds (what a later compaction names)
+        watch["fed"] = {f: watch["fed"].get(f) or self.index.parts_of(f) for f in files}
         state.keep(label)
         state.save(self.index.fs, self.index.path)
         for metric, d in watch["detectors"].items():
