@@ -112,3 +112,15 @@ def test_compaction_neither_refeeds_nor_loses_sequences(tmp_path):
     monitor = Monitor(str(tmp_path), CONFIG)
     later = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
     assert set(later.values()) == {400} and [r["sequences"] for r in monitor.regimes()] == [550]
+
+
+def test_a_sample_whose_files_were_compacted_away_since_the_refresh_is_read_from_the_merged_file(tmp_path):
+    from softwatch.store import compact
+
+    for i in range(3):
+        write_regime(tmp_path, 150, params_id="p", temperature=0.7, start=START + timedelta(minutes=10 * i), seed=i)
+    monitor = Monitor(str(tmp_path), CONFIG)
+    (regime,) = monitor.regimes()  # the index lists the three files
+    compact(str(tmp_path))  # and now they are gone
+    sample = monitor.regime_sample(regime, "first", 400)
+    assert len(sample) == 400 and np.all(np.diff(sample.ts) >= 0)

@@ -178,30 +178,30 @@ class Monitor:
     def regime_sample(self, regime: dict, end: str, n: int) -> Sample:
         """The first or last `n` sequences of a regime, read from the few files the index says
         can hold them."""
-        files, bound = self.index.files_for(regime, end, n)
         where = _regime_filter(regime)
-        clause, params = where.sql()
-        if bound is not None:
-            clause += f" AND ts {'<=' if end == 'first' else '>='} make_timestamptz(?::BIGINT)"
-            params.append(bound)
-        return _sample(self._query_files(files, _sample_sql("part", clause, n, end), params), _describe(where))
-
-    def _query_files(self, files: list[str], sql: str, params: list) -> pa.Table:
-        """SQL over the `sequences` rows of these files (relative paths) as the view `part`."""
         for attempt in range(2):
-            con = self.store.con
-            con.register("part", dataset(files, self.index.fs, self.index.path))
+            files, bound = self.index.files_for(regime, end, n)
+            clause, params = where.sql()
+            if bound is not None:
+                clause += f" AND ts {'<=' if end == 'first' else '>='} make_timestamptz(?::BIGINT)"
+                params.append(bound)
             try:
-                return con.sql(sql, params=params).to_arrow_table()
-            except (duckdb.IOException, OSError, pa.ArrowException) as exc:  # compacted away meanwhile
-                if attempt or "No such file" not in str(exc) and "not found" not in str(exc).lower():
+                return _sample(self._query_files(files, _sample_sql("part", clause, n, end), params), _describe(where))
+            except (duckdb.IOException, OSError, pa.ArrowException) as exc:  # compacted away since the refresh
+                gone = isinstance(exc, FileNotFoundError) or "No such file" in str(exc) or "not found" in str(exc).lower()
+                if attempt or not gone:
                     raise
                 self._refresh = None
                 self._refresh_index()
-                present = set(self.index.table["file"].to_pylist())
-                files = [f for f in files if f in present]
-            finally:
-                con.unregister("part")
+
+    def _query_files(self, files: list[str], sql: str, params: list) -> pa.Table:
+        """SQL over the `sequences` rows of these files (relative paths) as the view `part`."""
+        con = self.store.con
+        con.register("part", dataset(files, self.index.fs, self.index.path))
+        try:
+            return con.sql(sql, params=params).to_arrow_table()
+        finally:
+            con.unregister("part")
 
     def _stream_files(self, files: list[str], sql: str, params: list):
         """Record batches of SQL over these files (as `_query_files`), read as they are used."""
