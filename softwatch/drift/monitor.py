@@ -7,7 +7,14 @@ Comparisons it makes on every run:
 - `window`: inside the newest regime, its most recent `window` sequences against its first
   `window` (traffic shift, or a silent numerics change under unchanged labels);
 - `online`: a calibrated CUSUM per metric (a Poisson CUSUM for the rare counts) over the
-  newest regime, its reference being the regime's first `window` sequences.
+  newest regime, its reference being the regime's first `window` sequences (after an alarm,
+  the `window` sequences after it). The detectors' state is kept in the data root between
+  runs, and each run feeds them only the sequences that arrived since the last one; an alarm
+  is reported once, with the sequence where it fired.
+
+A run's cost does not grow with the history: regimes come from an index of the files
+(index.py) updated from the new files only, and every sample is a LIMIT query over the few
+files that can hold it.
 
 The regime and window comparisons read each sequence's `prompt_key` and permute whole prompt
 clusters (twosample.py); the online CUSUMs treat sequences as independent.

@@ -1,10 +1,21 @@
-"""Online change detectors with one small surface: `update(...)`, then read `drift_detected`.
+"""Online change detectors with one small surface: `update(...)`, then read `drift_detected`
+(`update_many(...)`: the same over an array, vectorized, returning the index of the first
+alarm). `state()` / `from_state()` carry a detector between monitor runs.
 
-Thresholds are calibrated, not guessed: `calibrated(reference, target_arl)` resamples the
-reference sequences into many no-change streams and picks the threshold whose average run
-length (sequences until a false alarm) is the target. Resampling keeps the reference's real
-shape (skew, heavy tails, the point mass at zero of overflow counts), where a normal-theory
-threshold would alarm far more often than it promises.
+Thresholds are calibrated, not guessed, and for the reference actually in use. The live
+CUSUM standardizes with its reference's mean and std, which are estimates: a threshold right
+on average over references leaves some references alarming far sooner than promised. So
+`calibrated(reference, target_arl)` first finds the threshold whose average run length
+(sequences until a false alarm) is the target when the truth is the reference's own
+distribution (resampled streams: skew, heavy tails and the point mass at zero of overflow
+counts kept, where a normal-theory threshold would be wrong), then raises it by what
+`guarantee` (0.9) of the plausible truths need: bootstrap resamples of the reference, seen
+through the reference's fixed mean and std, each one's threshold from Siegmund's ARL
+approximation (only differences of it are used, which cancel most of its error). With
+probability about `guarantee`, the ARL for the reference in use reaches the target (Gandy &
+Kvaløy's guaranteed conditional performance, by a cheaper route). The Poisson CUSUM's
+reference rate is the `guarantee` upper bound of the rate its reference allows (Jeffreys
+posterior), so a reference without events does not claim a zero rate.
 """
 
 from __future__ import annotations
