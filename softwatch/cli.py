@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--rows", type=int, default=10_000_000)
     store.add_argument("--data", default=None, help="dataset root to write (default: a new temporary directory)")
     store.add_argument("--json", action="store_true")
+    bmon = bench_sub.add_parser("monitor", help="time and peak memory of one drift monitor run over a large "
+                                "synthetic store (generated once and cached)")
+    bmon.add_argument("--sequences", type=int, default=10_000_000, help="sequences in the store (default 10M)")
+    bmon.add_argument("--new", type=int, default=None,
+                      help="sequences added before the measured run (default: a minute of the day's traffic)")
+    bmon.add_argument("--cache", default=None, help="where the generated store is cached "
+                      "(default: $SOFTWATCH_CACHE/bench-monitor)")
+    bmon.add_argument("--json", action="store_true")
     tel = bench_sub.add_parser("telemetry", help="cost of recording a sequence (metrics, records) vs decoding it")
     _add_model_args(tel)
     tel.add_argument("--batch", type=int, default=8)
@@ -194,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return {"decode": _bench_decode, "store": _bench_store, "telemetry": _bench_telemetry,
-                    "serve": _bench_serve, "drift": _bench_drift, "vllm": _bench_vllm}[args.bench](args)
+                    "serve": _bench_serve, "drift": _bench_drift, "vllm": _bench_vllm,
+                    "monitor": _bench_monitor}[args.bench](args)
         if args.command == "sql":
             return _sql(args)
         if args.command == "compact":
@@ -361,6 +370,23 @@ def _bench_store(args) -> int:
     print(f"  {'write_rows_per_s':<18} {result['write_rows_per_s']:14,.0f}")
     print(f"  {'query_s':<18} {result['query_s']:14.3f}   (per-regime, per-hour counts, means and quantiles; "
           f"{result['query_groups']} groups)")
+    return 0
+
+
+def _bench_monitor(args) -> int:
+    from . import bench
+    from .bench.monitor import run
+
+    result = run(args.sequences, args.new, args.cache, progress=bench.print_progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"monitor run over {result['sequences']:,} sequences ({result['regimes']} regimes, {result['files']} files), "
+          f"{result['new_sequences']:,} of them new since the previous run; {result['cpus']} CPUs")
+    print(f"  {'run_s':<18} {result['run_s']:10.2f}   (target <= 10)")
+    print(f"  {'peak_rss_mb':<18} {result['peak_rss_mb']:10.0f}   (target <= 2048)")
+    print(f"  {'first_run_s':<18} {result['first_run_s']:10.2f}   (the first run: builds the index, feeds the history)")
+    print(f"  {'first_peak_rss_mb':<18} {result['first_peak_rss_mb']:10.0f}")
     return 0
 
 

@@ -95,6 +95,7 @@ DRIFT_REPORTS = pa.schema(
         pa.field("unit", pa.string()),  # what the test permuted: "prompt" clusters or single "sequence"s
         pa.field("clusters_baseline", pa.int64()),
         pa.field("clusters_current", pa.int64()),
+        pa.field("request_id", pa.string()),  # kind "online", verdict "drift": the sequence where the alarm fired
     ]
 )
 

@@ -108,11 +108,13 @@ def test_poisson_cusum_average_run_length_and_detection():
         return np.column_stack([rng.poisson(rate * e), e])
     assert np.mean([_run_length(detector, stream(0.002)) for _ in range(300)]) == pytest.approx(200, rel=0.2)
     assert np.median([_run_length(detector, stream(0.008)) for _ in range(50)]) < 60
-    clean = PoissonCUSUM.calibrated(np.zeros(1000), np.full(1000, 30.0))
+    clean = PoissonCUSUM.calibrated(np.zeros(1000), np.full(1000, 30.0), target_arl=5000)
     clean.update(0, 30)
-    assert not clean.drift_detected
     clean.update(1, 30)
-    assert clean.drift_detected  # a clean reference: the first non-finite logit is news
+    assert not clean.drift_detected  # a clean reference does not say the rate is zero: one event is no evidence
+    for _ in range(20):
+        clean.update(3, 30)  # a burst is
+    assert clean.drift_detected
 
 
 # ---- the monitor over a real store --------------------------------------------------------------

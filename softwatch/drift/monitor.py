@@ -7,7 +7,14 @@ Comparisons it makes on every run:
 - `window`: inside the newest regime, its most recent `window` sequences against its first
   `window` (traffic shift, or a silent numerics change under unchanged labels);
 - `online`: a calibrated CUSUM per metric (a Poisson CUSUM for the rare counts) over the
-  newest regime, its reference being the regime's first `window` sequences.
+  newest regime, its reference being the regime's first `window` sequences (after an alarm,
+  the `window` sequences after it). The detectors' state is kept in the data root between
+  runs, and each run feeds them only the sequences that arrived since the last one; an alarm
+  is reported once, with the sequence where it fired.
+
+A run's cost does not grow with the history: regimes come from an index of the files
+(index.py) updated from the new files only, and every sample is a LIMIT query over the few
+files that can hold it.
 
 The regime and window comparisons read each sequence's `prompt_key` and permute whole prompt
 clusters (twosample.py); the online CUSUMs treat sequences as independent.
@@ -15,15 +22,19 @@ clusters (twosample.py); the online CUSUMs treat sequences as independent.
 
 from __future__ import annotations
 
+import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
+from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
 from .online import CUSUM, PoissonCUSUM
 from .twosample import TESTS, TestResult, compare, permutations_for
 
@@ -39,6 +50,7 @@ METRICS = {
 }
 COUNT_METRICS = {"overflow_rate": "overflow", "nonfinite_rate": "nonfinite"}
 REGIME_IDENTITY = ("model_id", "model_rev", "params_id")
+log = logging.getLogger("softwatch.drift")
 FILTER_KEYS = (*REGIME_COLUMNS, "since", "until")
 
 
@@ -147,51 +159,95 @@ class Monitor:
         self.config = config or MonitorConfig()
         self.telemetry = telemetry
         self.store = Store(root)
+        self.index = RegimeIndex(root, self.store.con)
+        self._refresh = None  # the index refresh of this run
 
     # ---- reading ------------------------------------------------------------------------------
-    def sample(self, where: Filter, label: str = "") -> Sample:
+    def sample(self, where: Filter, label: str = "", limit: int | None = None, order: str = "first") -> Sample:
+        """The sequences `where` selects, in time order. With `limit`, at most that many, chosen
+        in SQL: the `first` or `last` in time, or a `hash` sample (by request id: the same rows on
+        every run) spread over the whole selection."""
         clause, params = where.sql()
-        metric_sql = ", ".join(f"{sql} AS {name}" for name, sql in METRICS.items())
-        table = self.store.query(
-            f"SELECT epoch_us(ts) AS ts_us, generated_tokens, nonfinite, overflow, prompt_key, {metric_sql} "
-            f"FROM sequences "
-            f"WHERE generated_tokens > 0 AND {clause} ORDER BY ts", params)
-        column = lambda name: table[name].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
-        return Sample(label or _describe(where), table["ts_us"].to_numpy(zero_copy_only=False),
-                      {name: column(name) for name in METRICS}, column("generated_tokens"),
-                      {name: column(count) for name, count in COUNT_METRICS.items()},
-                      np.array(table["prompt_key"].to_pylist(), dtype=object))
+        return _sample(self.store.query(_sample_sql("sequences", clause, limit, order), params),
+                       label or _describe(where))
 
     def regimes(self) -> list[dict]:
-        """Regimes in order of first appearance, with their sequence counts."""
-        keys = ", ".join(REGIME_IDENTITY)
-        return self.store.rows(
-            f"SELECT {keys}, any_value(temperature) AS temperature, any_value(top_p) AS top_p, "
-            f"any_value(top_k) AS top_k, count(*) AS sequences, min(ts) AS first_ts, max(ts) AS last_ts "
-            f"FROM sequences WHERE generated_tokens > 0 GROUP BY {keys} ORDER BY first_ts")
+        """Regimes in order of first appearance, with their sequence counts: from the regime
+        index (index.py), brought up to date with the files added since the last run."""
+        self._refresh_index()
+        return self.index.regimes()
+
+    def _refresh_index(self):
+        if self._refresh is None:
+            self._refresh = self.index.refresh()
+        return self._refresh
+
+    def regime_sample(self, regime: dict, end: str, n: int) -> Sample:
+        """The first or last `n` sequences of a regime, read from the few files the index says
+        can hold them."""
+        where = _regime_filter(regime)
+        for attempt in range(2):
+            files, bound = self.index.files_for(regime, end, n)
+            clause, params = where.sql()
+            if bound is not None:
+                clause += f" AND ts {'<=' if end == 'first' else '>='} make_timestamptz(?::BIGINT)"
+                params.append(bound)
+            try:
+                return _sample(self._query_files(files, _sample_sql("part", clause, n, end), params), _describe(where))
+            except (duckdb.IOException, OSError, pa.ArrowException) as exc:  # compacted away since the refresh
+                gone = isinstance(exc, FileNotFoundError) or "No such file" in str(exc) or "not found" in str(exc).lower()
+                if attempt or not gone:
+                    raise
+                self._refresh = None
+                self._refresh_index()
+
+    def _query_files(self, files: list[str], sql: str, params: list) -> pa.Table:
+        """SQL over the `sequences` rows of these files (relative paths) as the view `part`."""
+        con = self.store.con
+        con.register("part", dataset(files, self.index.fs, self.index.path))
+        try:
+            return con.sql(sql, params=params).to_arrow_table()
+        finally:
+            con.unregister("part")
+
+    def _stream_files(self, files: list[str], sql: str, params: list):
+        """Record batches of SQL over these files (as `_query_files`), read as they are used."""
+        cursor = self.store.con.cursor()
+        try:
+            cursor.register("part", dataset(files, self.index.fs, self.index.path))
+            yield from cursor.sql(sql, params=params).to_arrow_reader(65_536)
+        finally:
+            cursor.close()
 
     # ---- comparing ----------------------------------------------------------------------------
     def compare(self, baseline: Filter, current: Filter) -> Report:
         """One comparison of two selections, written to `drift_reports`."""
         report = self._new_report()
-        self._compare_samples(report, "regime", self.sample(baseline), self.sample(current), recent_baseline=True)
+        cap = self.config.max_sequences
+        self._compare_samples(report, "regime", self.sample(baseline, limit=cap, order="last"),
+                              self.sample(current, limit=cap), recent_baseline=True)
         self._publish(report)
         return report
 
     def run(self) -> Report:
-        """Every comparison the store allows now (module docstring)."""
+        """Every comparison the store allows now (module docstring). Its cost is bounded: the
+        regimes come from the index, every sample is at most `max_sequences` (or `window`)
+        sequences read with a LIMIT from the files that can hold them, and the online detectors
+        read only the sequences added since the last run."""
         report = self._new_report()
+        self._refresh = None
         regimes = self.regimes()
         if regimes:
-            newest = self.sample(_regime_filter(regimes[-1]))
+            cap, w = self.config.max_sequences, self.config.window
+            newest_regime = regimes[-1]
+            newest = self.regime_sample(newest_regime, "first", max(cap, w))
             if len(regimes) > 1:
-                before = self.sample(_regime_filter(regimes[-2]))
+                before = self.regime_sample(regimes[-2], "last", cap)
                 self._compare_samples(report, "regime", before, newest, recent_baseline=True)
-            w = self.config.window
-            if len(newest) >= 2 * w:
-                self._compare_samples(report, "window", newest.take(slice(0, w)), newest.take(slice(-w, None)))
-            if len(newest) > w:
-                self._online(report, newest)
+            if newest_regime["sequences"] >= 2 * w:
+                last = self.regime_sample(newest_regime, "last", w)
+                self._compare_samples(report, "window", newest.take(slice(0, w)), last)
+            self._online(report, newest_regime, newest.take(slice(0, w)))
         self._publish(report)
         return report
 
@@ -249,38 +305,146 @@ class Monitor:
                           current_keys=current.keys)
         report.rows += [self._row(report, kind, r, baseline, current) for r in results]
 
-    def _online(self, report: Report, regime: Sample) -> None:
+    def _online(self, report: Report, regime: dict, reference: Sample) -> None:
+        """Feed the sequences of the newest regime that arrived since the last run to its
+        detectors, whose state lives in the data root (online.json); one row per alarm, with
+        the sequence where it fired, else one row per metric with the detector's state."""
+        w = self.config.window
+        if regime["sequences"] <= w:
+            return
+        label = _describe(_regime_filter(regime))
+        state = OnlineState.load(self.index.fs, self.index.path)
+        files = self.index.files_of(regime)
+        settings = {"window": w, "target_arl": self.config.target_arl}
+        watch = state.regimes.get(label)
+        if watch is None or watch.get("settings") != settings:  # first seen past its reference window, or retuned
+            watch = state.regimes[label] = {"fed": {}, "watermark_us": None, "detectors": {}, "settings": settings}
+            for metric in METRICS:
+                watch["detectors"][metric] = _collecting(COUNT_METRICS.get(metric))
+            self._feed(watch, reference)
+            batches = self._stream(files, [], regime, offset=w)
+        else:
+            fed = watch["fed"]
+            known = {part for parts in fed.values() for part in parts}
+            full, partial = [], []
+            for f in files:
+                if f in fed:
+                    continue
+                seen = self.index.seen_before(f, known)
+                (full if seen == "none" else partial if seen == "some" else []).append(f)
+            batches = self._stream(full, partial, regime, after_us=watch["watermark_us"])
+        alarms = []
+        for batch in batches:
+            alarms += self._feed(watch, _sample(batch, label), batch.column("request_id"))
+        # the files fed, with the writers' part files each holds (what a later compaction names)
+        watch["fed"] = {f: watch["fed"].get(f) or self.index.parts_of(f) for f in files}
+        state.keep(label)
+        state.save(self.index.fs, self.index.path)
+        for metric, d in watch["detectors"].items():
+            mine = [a for a in alarms if a["metric"] == metric]
+            for a in mine:
+                report.rows.append(self._online_row(report, label, metric, d, a))
+            if not mine:
+                report.rows.append(self._online_row(report, label, metric, d, None))
+
+    def _stream(self, full: list[str], partial: list[str], regime: dict, offset: int = 0,
+                after_us: int | None = None):
+        """Record batches, in time order, of the regime's sequences in `full` files (from the
+        `offset`-th on), then of those after `after_us` in `partial` ones (compactions that
+        merged fed and unfed files)."""
+        clause, params = _regime_filter(regime).sql()
+        base = _sample_sql("part", clause, None, "first")
+        if full:
+            yield from self._stream_files(full, base + (f" OFFSET {int(offset)}" if offset else ""), list(params))
+        if partial:
+            yield from self._stream_files(partial, f"SELECT * FROM ({base}) WHERE ts_us > {int(after_us or 0)} "
+                                          "ORDER BY ts_us", list(params))
+
+    def _feed(self, watch: dict, sample: Sample, request_ids=None) -> list[dict]:
+        """Every detector of a regime takes the sequences of `sample`, in order: a detector
+        without a reference collects one (`window` finite values, calibrated when complete);
+        an alarm is recorded with its sequence, and the detector collects a new reference
+        from the sequences after it."""
         w = self.config.window
         arl = self.config.target_arl * len(METRICS)  # the family of detectors keeps the target together
-        reference, stream = regime.take(slice(0, w)), regime.take(slice(w, None))
-        for metric, values in reference.metrics.items():
-            if metric in COUNT_METRICS:
-                detector = PoissonCUSUM.calibrated(reference.counts[metric], reference.tokens, target_arl=arl)
-                feed = zip(stream.counts[metric], stream.tokens)
-                test = "poisson_cusum"
-            else:
-                finite = values[np.isfinite(values)]
-                if len(finite) < self.config.min_sequences:
+        alarms = []
+        if len(sample):
+            watch["watermark_us"] = max(int(sample.ts.max()), watch["watermark_us"] or 0)
+            watch["sequences_fed"] = watch.get("sequences_fed", 0) + len(sample)
+        for metric, d in watch["detectors"].items():
+            count = COUNT_METRICS.get(metric)
+            values = sample.counts[metric] if count else sample.metrics[metric]
+            exposures = sample.tokens
+            finite = np.isfinite(values) & np.isfinite(exposures)
+            i, n = 0, len(values)
+            while i < n:
+                if d["detector"] is None:
+                    ref = d["reference"]
+                    take = np.flatnonzero(finite[i:])[: w - len(ref["values"])] + i
+                    if not len(take):
+                        break
+                    if not ref["values"]:
+                        d["reference_start_us"] = int(sample.ts[take[0]])
+                    ref["values"] += values[take].tolist()
+                    ref["exposures"] += exposures[take].tolist()
+                    d["reference_end_us"] = int(sample.ts[take[-1]])
+                    i = int(take[-1]) + 1
+                    if len(ref["values"]) >= w:
+                        if count:
+                            detector = PoissonCUSUM.calibrated(np.array(ref["values"]), np.array(ref["exposures"]),
+                                                               target_arl=arl)
+                        else:
+                            detector = CUSUM.calibrated(np.array(ref["values"]), target_arl=arl)
+                        d.update(detector=detector.state(), reference={"values": [], "exposures": []},
+                                 since=0, stream_start_us=None, reference_n=len(ref["values"]))
                     continue
-                detector = CUSUM.calibrated(finite, target_arl=arl)
-                feed = ((x,) for x in stream.metrics[metric])
-                test = "cusum"
-            alarm_at = None
-            for i, args in enumerate(feed):
-                detector.update(*args)
-                if detector.drift_detected:
-                    alarm_at = i
+                detector = (PoissonCUSUM if count else CUSUM).from_state(d["detector"])
+                if d["stream_start_us"] is None:
+                    d["stream_start_us"] = int(sample.ts[i])
+                k = detector.update_many(values[i:], exposures[i:]) if count else detector.update_many(values[i:])
+                if k is None:
+                    d["since"] += n - i
+                    d["detector"] = detector.state()
+                    d["stream_end_us"] = int(sample.ts[-1])
                     break
-            end = alarm_at if alarm_at is not None else len(stream) - 1
-            report.rows.append({
-                "report_id": report.report_id, "ts": report.ts, "kind": "online", "metric": metric, "test": test,
-                "statistic": float(detector.statistic), "p_value": None, "effect_size": None,
-                "threshold": float(detector.threshold), "baseline_regime": regime.label,
-                "current_regime": regime.label, "baseline_start": _time(reference.ts[0]),
-                "baseline_end": _time(reference.ts[-1]), "current_start": _time(stream.ts[0]),
-                "current_end": _time(stream.ts[end]), "n_baseline": len(reference), "n_current": end + 1,
-                "verdict": "drift" if alarm_at is not None else "no_drift",
-            })
+                at = i + k
+                d["since"] += k + 1
+                alarms.append({
+                    "metric": metric, "statistic": detector.statistic, "threshold": detector.threshold,
+                    "since": d["since"], "ts_us": int(sample.ts[at]),
+                    "request_id": None if request_ids is None else request_ids[at].as_py(),
+                    "reference_start_us": d["reference_start_us"], "reference_end_us": d["reference_end_us"],
+                    "reference_n": d["reference_n"], "stream_start_us": d["stream_start_us"],
+                })
+                d.update(_collecting(count), alarms=d.get("alarms", 0) + 1)
+                i = at + 1
+        return alarms
+
+    def _online_row(self, report: Report, label: str, metric: str, d: dict, alarm: dict | None) -> dict:
+        test = "poisson_cusum" if metric in COUNT_METRICS else "cusum"
+        if alarm is not None:
+            statistic, threshold, verdict, since = alarm["statistic"], alarm["threshold"], "drift", alarm["since"]
+            ref = (alarm["reference_start_us"], alarm["reference_end_us"], alarm["reference_n"])
+            current = (alarm["stream_start_us"], alarm["ts_us"])
+        elif d["detector"] is not None:
+            statistic = max(d["detector"].get("upper", 0.0), d["detector"].get("lower", 0.0),
+                            d["detector"].get("statistic", 0.0))
+            threshold, verdict, since = d["detector"]["threshold"], "no_drift", d["since"]
+            ref = (d["reference_start_us"], d["reference_end_us"], d["reference_n"])
+            current = (d["stream_start_us"], d.get("stream_end_us"))
+        else:  # collecting a reference
+            statistic, threshold, verdict, since = None, None, "insufficient_data", 0
+            ref = (d.get("reference_start_us"), d.get("reference_end_us"), len(d["reference"]["values"]))
+            current = (None, None)
+        return {
+            "report_id": report.report_id, "ts": report.ts, "kind": "online", "metric": metric, "test": test,
+            "statistic": _number(statistic), "p_value": None, "effect_size": None, "threshold": _number(threshold),
+            "baseline_regime": label, "current_regime": label,
+            "baseline_start": _maybe_time(ref[0]), "baseline_end": _maybe_time(ref[1]),
+            "current_start": _maybe_time(current[0]), "current_end": _maybe_time(current[1]),
+            "n_baseline": ref[2], "n_current": since, "verdict": verdict,
+            "request_id": alarm["request_id"] if alarm is not None else None,
+        }
 
     def _row(self, report: Report, kind: str, r: TestResult, baseline: Sample, current: Sample) -> dict:
         return {
@@ -329,6 +493,26 @@ def _regime_labels(label: str) -> dict:
     return {"gen_ai.request.model": model, "params_id": rest.split("/", 1)[1].split("[")[0]}
 
 
+def _sample_sql(view: str, clause: str, limit: int | None, order: str) -> str:
+    metric_sql = ", ".join(f"{sql} AS {name}" for name, sql in METRICS.items())
+    select = (f"SELECT epoch_us(ts) AS ts_us, ts, request_id, generated_tokens, nonfinite, overflow, prompt_key, "
+              f"{metric_sql} FROM {view} WHERE generated_tokens > 0 AND {clause}")
+    if limit is None:
+        return f"{select} ORDER BY ts"
+    by = {"first": "ts", "last": "ts DESC", "hash": "hash(request_id), ts"}
+    if order not in by:
+        raise ValueError(f"order must be one of {', '.join(by)}, got {order!r}")
+    return f"SELECT * EXCLUDE (ts) FROM ({select} ORDER BY {by[order]} LIMIT {int(limit)}) ORDER BY ts"
+
+
+def _sample(table: pa.Table, label: str) -> Sample:
+    column = lambda name: table[name].to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
+    return Sample(label, table["ts_us"].to_numpy(zero_copy_only=False),
+                  {name: column(name) for name in METRICS}, column("generated_tokens"),
+                  {name: column(count) for name, count in COUNT_METRICS.items()},
+                  np.array(table["prompt_key"].to_pylist(), dtype=object))
+
+
 def _regime_filter(regime: dict) -> Filter:
     return Filter(tuple((key, regime[key]) for key in REGIME_IDENTITY))
 
@@ -343,6 +527,52 @@ def _describe(where: Filter) -> str:
 
 def _time(us: int | float) -> datetime:
     return datetime.fromtimestamp(int(us) / 1e6, timezone.utc)
+
+
+def _maybe_time(us: int | None) -> datetime | None:
+    return None if us is None else _time(us)
+
+
+def _collecting(count: str | None) -> dict:
+    """A detector's state while it collects its reference."""
+    return {"test": "poisson_cusum" if count else "cusum", "detector": None,
+            "reference": {"values": [], "exposures": []}, "reference_start_us": None, "reference_end_us": None,
+            "reference_n": 0, "since": 0, "stream_start_us": None}
+
+
+@dataclass
+class OnlineState:
+    """The online detectors' state between runs, per regime: the files already fed, each
+    detector's statistic (or the reference it is collecting). `_monitor/online.json` in the data
+    root, replaced atomically after each run."""
+
+    regimes: dict = field(default_factory=dict)
+    NAME = "online.json"
+    KEEP = 8  # regimes whose state is kept (the newest, and those watched before it)
+
+    @classmethod
+    def load(cls, fs, path: str) -> OnlineState:
+        try:
+            with fs.open_input_stream(f"{path}/{INDEX_DIR}/{cls.NAME}") as f:
+                data = json.loads(f.read())
+            if data.get("version") != 1:
+                raise ValueError("another version")
+            return cls(data["regimes"])
+        except FileNotFoundError:
+            return cls()
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("softwatch: online detector state unreadable, starting over (%s)", exc)
+            return cls()
+
+    def keep(self, newest: str) -> None:
+        """`newest` last (most recently watched); only the KEEP most recent kept."""
+        self.regimes[newest] = self.regimes.pop(newest)
+        for label in list(self.regimes)[:-self.KEEP]:
+            del self.regimes[label]
+
+    def save(self, fs, path: str) -> None:
+        data = json.dumps({"version": 1, "regimes": self.regimes}).encode()
+        write_atomically(fs, f"{path}/{INDEX_DIR}/{self.NAME}", lambda sink: sink.write(data))
 
 
 def _number(v: float) -> float | None:

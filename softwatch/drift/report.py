@@ -8,13 +8,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 
 from .monitor import METRICS, Filter, Monitor, Sample
 
 TIME_SERIES = ("mean_entropy", "log_perplexity", "mean_top_prob")
+TIME_SERIES_SEQUENCES = 20_000  # a hash sample of the store beyond this
 
 
 def render(monitor: Monitor, out: str) -> str:
@@ -43,7 +44,7 @@ def render(monitor: Monitor, out: str) -> str:
                           f"<p>{_e(comparison[0]['baseline_regime'])} ({len(baseline)} sequences) vs "
                           f"{_e(comparison[0]['current_regime'])} ({len(current)} sequences)</p>",
                           _image(_distributions(baseline, current))]
-    everything = monitor.sample(Filter())
+    everything = monitor.sample(Filter(), limit=TIME_SERIES_SEQUENCES, order="hash")  # bounded on any store
     if len(everything):
         parts += ["<h2>Time series</h2>", _image(_time_series(everything, regimes))]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>softwatch drift report</title>" \
@@ -86,7 +87,10 @@ def _sides(monitor: Monitor, row: dict) -> tuple[Sample, Sample]:
             model_id, rest = label.split("@", 1)
             model_rev, params_id = rest.split("/", 1)
             terms = [("model_id", model_id), ("model_rev", model_rev), ("params_id", params_id.split("[")[0])]
-        sample = monitor.sample(Filter(tuple(terms)))
+        if start is not None and end is not None:  # read only the comparison's time range, in SQL
+            terms += [("since", (start - timedelta(milliseconds=1)).isoformat()),
+                      ("until", (end + timedelta(milliseconds=1)).isoformat())]
+        sample = monitor.sample(Filter(tuple(terms)), limit=4 * monitor.config.max_sequences)
         if start is not None and end is not None and len(sample):
             lo, hi = start.timestamp() * 1e6, end.timestamp() * 1e6
             sample = sample.take((sample.ts >= lo - 1) & (sample.ts <= hi + 1))

@@ -71,15 +71,17 @@ class DriftMonitor:
             self._wake.clear()
 
     def run_once(self, force: bool = False) -> dict | None:
-        """Run the monitor when sequences arrived since the last run (or when forced)."""
+        """Run the monitor when files of sequences were added or compacted since the last run
+        (or when forced)."""
         with self._run_lock:
             monitor = Monitor(self.data, self.config, self.telemetry)
             try:
-                (count,) = monitor.store.rows("SELECT count(*) AS n FROM sequences")
-                if count["n"] == self._seen and not force:
+                monitor.index.refresh()  # the files of `sequences` now (reads only new ones)
+                seen = hash(frozenset(monitor.index.table["file"].to_pylist()))
+                if seen == self._seen and not force:
                     return None
                 report = monitor.run()
-                self._seen = count["n"]
+                self._seen = seen
             finally:
                 monitor.close()
         return {"report_id": report.report_id, "verdict": report.verdict, "rows": len(report.rows)}
