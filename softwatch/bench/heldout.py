@@ -1,5 +1,5 @@
-"""The held-out prompts of `bench drift` ("heldout-v1"): tasks x topics x phrasings, 64,000
-distinct prompts, none of them a built-in prompt (prompts.py). Fixed before any setting was
+"""The held-out prompts of `bench drift` ("heldout-v1"): tasks x topics x phrasings, a grid of
+64,000 distinct prompts less the 8 that are also built-in prompts (prompts.py). Fixed before any setting was
 tuned on the benchmark; changing them makes a new version, not a retune.
 
 `heldout_prompts()` lists them in one fixed shuffled order; the benchmark's trials take
@@ -75,8 +75,12 @@ def grid_size() -> int:
 
 @lru_cache(maxsize=1)
 def heldout_order() -> np.ndarray:
-    """Grid positions in the benchmark's fixed order."""
-    return np.random.default_rng(ORDER_SEED).permutation(grid_size())
+    """Grid positions in the benchmark's fixed order, without those of built-in prompts."""
+    from ..prompts import prompt_set
+
+    builtin = set(prompt_set())
+    order = np.random.default_rng(ORDER_SEED).permutation(grid_size())
+    return order[[heldout_prompt(int(i)) not in builtin for i in order]]
 
 
 def heldout_prompts(start: int, count: int) -> list[str]:
