@@ -23,6 +23,8 @@ null trials: a setting tuned on the reported nulls, which favours Evidently.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import warnings
@@ -35,7 +37,7 @@ import pyarrow.parquet as pq
 from ..drift.monitor import Monitor, MonitorConfig
 from . import print_progress
 from .heldout import VERSION
-from .traffic import CHANGES, Plan, Trial, directory, generate, schedule, segment_path
+from .traffic import Plan, Trial, directory, generate, schedule, segment_path
 
 KINDS = ("regime", "window", "online")
 EVIDENTLY_COLUMNS = ("mean_entropy", "log_perplexity", "mean_top_prob", "p10_top_prob", "mean_sampling_entropy")
@@ -209,11 +211,10 @@ def evaluate(trials: list[Trial], folder: str, config: MonitorConfig, plan: Plan
     hits = {name: {"softwatch": [], "evidently": []} for name in plan.changes}
     change_pvalues = {name: [] for name in plan.changes}
     record = []
+    outcomes = _outcomes_dir(folder, config, plan)
     for done, trial in enumerate(trials, 1):
-        tables = [pq.read_table(segment_path(folder, trial, s)) for s in range(len(trial.segments))]
-        looks = monitor_looks(tables, config, plan.looks_every)
+        looks, ev = trial_outcome(trial, folder, config, plan, outcomes)
         verdicts = outcome(looks)
-        ev = evidently_pvalues(*tables)
         record.append({"trial": trial.name, "repeats": trial.segments[0].repeats, "order": trial.order,
                        "max_batch": trial.max_batch, "looks": looks, "verdicts": verdicts,
                        "evidently": ev})
@@ -253,6 +254,31 @@ def evaluate(trials: list[Trial], folder: str, config: MonitorConfig, plan: Plan
         "trials_evaluated": {"null": len(evidently_null), **{name: len(h["softwatch"]) for name, h in hits.items()}},
         "trials": record,
     }
+
+
+def trial_outcome(trial: Trial, folder: str, config: MonitorConfig, plan: Plan, outcomes: str) -> tuple[list, dict]:
+    """The monitor's verdicts at each look and Evidently's p-values for one trial, cached in
+    `outcomes` (evaluation resumes as generation does)."""
+    path = os.path.join(outcomes, f"{trial.name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        return cached["looks"], cached["evidently"]
+    tables = [pq.read_table(segment_path(folder, trial, s)) for s in range(len(trial.segments))]
+    looks, ev = monitor_looks(tables, config, plan.looks_every), evidently_pvalues(*tables)
+    os.makedirs(outcomes, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"looks": looks, "evidently": ev}, f)
+    os.replace(path + ".tmp", path)
+    return looks, ev
+
+
+def _outcomes_dir(folder: str, config: MonitorConfig, plan: Plan) -> str:
+    """Where outcomes are cached: one folder per monitor config, look spacing and Evidently version."""
+    from importlib.metadata import version
+
+    settings = json.dumps([asdict(config), plan.looks_every, version("evidently")], sort_keys=True).encode()
+    return os.path.join(folder, f"outcomes-{hashlib.blake2b(settings, digest_size=4).hexdigest()}")
 
 
 def probe_rates(lm, quantized, trials: int) -> dict:
