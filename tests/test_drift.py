@@ -352,3 +352,4 @@ def test_bench_drift_plan_gives_disjoint_prompts_and_exact_bounds():
     assert clopper_pearson(0, 149)[1] == pytest.approx(1 - 0.025 ** (1 / 149))
     assert clopper_pearson(3, 10) == pytest.approx((st.beta.ppf(0.025, 3, 8), st.beta.ppf(0.975, 4, 7)))
     assert matched_threshold([0.3, 0.01, 0.2, 0.05], allowed=1) == 0.05  # only 0.01 < 0.05 alarms
+    assert main(["bench", "drift", "--generate-only", "--no-generate"]) == 2  # refused before any model loads
