@@ -277,19 +277,79 @@ def test_the_alarm_gauge_reaches_a_real_prometheus(tmp_path):
         telemetry.shutdown()
 
 
-def test_bench_drift_quick_reports_every_key(tmp_path, capsys):
-    """The CI-sized run on the default model: the keys and their ranges, not the figures (those
-    need the full run; see the README)."""
-    assert main(["bench", "drift", "--quick", "--json", "--data", str(tmp_path)]) == 0
+def test_bench_drift_quick_runs_independent_trials_through_the_monitor(tmp_path, capsys):
+    """The CI-sized run (tiny model, the monitor's settings scaled down): every null trial is one
+    decided check of each kind, the traffic of different trials and regimes shares no prompt,
+    each prompt is sampled the trial's number of times with its prompt_key, and generation
+    resumes: a deleted segment comes back identical, nothing else is regenerated."""
+    from collections import Counter
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    args = ["bench", "drift", "--quick", "--model", "tiny-random", "--data", str(tmp_path)]
+    assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    changes = {"temperature_0.7_to_0.8", "top_p_0.9_to_0.7", "weights_int8", "template_v1_to_v2"}
-    assert 0 <= result["false_alarm_rate"] <= 1 and set(result["detection_rate"]) == changes
-    assert set(result["median_delay_sequences"]) == changes
-    for level in ("sequences", "tokens"):
-        assert set(result["evidently"][level]["detection_rate"]) == changes
-        assert 0 <= result["evidently"][level]["false_alarm_rate"] <= 1
-    (size,) = result["sizes"].values()
-    assert size["always_alarm"]["false_alarm_rate"]["rate"] == 1
-    assert size["softwatch"]["false_alarm_rate"]["trials"] == result["plan"]["null_trials"]
-    assert result["probes"]["detection_rate"]["weights_int8"]["rate"] == 1.0  # deterministic: any change shows
-    assert list(tmp_path.glob("bench-drift/pool-base-*.npz"))  # pools are cached for the next run
+    plan = result["plan"]
+    assert not result["partial"] and result["trials_evaluated"]["null"] == plan["null_trials"]
+    for kind in ("regime", "window", "online"):
+        r = result["false_alarm_rate"][kind]
+        assert r["checks"] == plan["null_trials"] and 0 <= r["alarms"] <= r["checks"]
+        assert r["ci95"][0] <= r["rate"] <= r["ci95"][1] <= 1 and r["upper95"] < 1
+    assert set(result["detection_rate"]) == set(plan["changes"])
+    assert all(r["checks"] == plan["change_trials"] for r in result["detection_rate"].values())
+    evidently = result["evidently"]
+    assert evidently["default"]["false_alarm_rate"]["checks"] == plan["null_trials"]
+    # matched: Evidently's per-column rule alarms on no more null trials than the monitor's regime check
+    assert evidently["per_column_matched"]["false_alarm_rate"]["alarms"] <= result["false_alarm_rate"]["regime"]["alarms"]
+    assert set(evidently["per_column_matched"]["detection_rate"]) == set(plan["changes"])
+
+    folder = Path(result["traffic"])
+    segments = sorted(folder.glob("*.parquet"))
+    assert len(segments) == 2 * (plan["null_trials"] + plan["change_trials"] * len(plan["changes"]))
+    keys = {p.name: pq.read_table(p, columns=["prompt_key"])["prompt_key"].to_pylist() for p in segments}
+    assert all(None not in k for k in keys.values())
+    distinct = [set(k) for k in keys.values()]
+    assert len(set().union(*distinct)) == sum(map(len, distinct))  # no prompt in two segments
+    repeats = {t["trial"]: t["repeats"] for t in result["trials"]}
+    assert sorted(set(repeats.values())) == sorted(plan["repeats"])
+    for name, k in keys.items():
+        assert set(Counter(k).values()) == {repeats[name.rsplit("-", 1)[0]]}, name
+
+    victim = segments[1]
+    columns = ["request_id", "ts", "prompt_key", "generated_tokens", "mean_entropy", "perplexity", "model_rev"]
+    before = pq.read_table(victim, columns=columns)
+    victim.unlink()
+    assert main([*args, "--generate-only"]) == 0
+    assert "generated 1 segments" in capsys.readouterr().out
+    assert pq.read_table(victim, columns=columns).equals(before)
+
+
+def test_bench_drift_plan_gives_disjoint_prompts_and_exact_bounds():
+    """The full plan's trials use disjoint runs of the held-out prompts (none a built-in
+    prompt), their own seeds, every repeat count and both arrival orders; 0 alarms in 149
+    checks is the fewest that bounds the rate by 2% (one-sided 95%, exact)."""
+    from collections import Counter
+
+    from softwatch.bench import heldout
+    from softwatch.bench.drift import clopper_pearson, matched_threshold, upper_bound
+    from softwatch.bench.traffic import Plan, schedule
+    from softwatch.prompts import prompt_set
+
+    plan = Plan.full()
+    trials = schedule(plan)
+    assert dict(Counter(t.kind for t in trials)) == {"null": plan.null_trials, **dict.fromkeys(plan.changes, plan.change_trials)}
+    ranges = sorted((s.prompt_start, s.prompt_start + s.prompts) for t in trials for s in t.segments)
+    assert all(end <= start for (_, end), (start, _) in zip(ranges, ranges[1:]))
+    assert ranges[-1][1] <= len(heldout.heldout_order())
+    nulls = [t for t in trials if t.kind == "null"]
+    assert len({t.seed for t in trials}) == len(trials)
+    assert {t.segments[0].repeats for t in nulls} == {1, 5, 10} and {t.order for t in nulls} == {"scattered", "bursts"}
+    assert all(t.segments[1].relabel and t.segments[1].sequences >= 2 * 200 for t in nulls)  # window + online
+    prompts = heldout.heldout_prompts(0, len(heldout.heldout_order()))
+    assert len(set(prompts)) == len(prompts) == heldout.grid_size() - 8 and not set(prompts) & set(prompt_set())
+    assert upper_bound(0, 149) <= 0.02 < upper_bound(0, 148)
+    assert clopper_pearson(0, 149)[1] == pytest.approx(1 - 0.025 ** (1 / 149))
+    assert clopper_pearson(3, 10) == pytest.approx((st.beta.ppf(0.025, 3, 8), st.beta.ppf(0.975, 4, 7)))
+    assert matched_threshold([0.3, 0.01, 0.2, 0.05], allowed=1) == 0.05  # only 0.01 < 0.05 alarms
+    assert main(["bench", "drift", "--generate-only", "--no-generate"]) == 2  # refused before any model loads

@@ -1,353 +1,310 @@
-"""`softwatch bench drift`: softwatch's detectors and Evidently's default drift preset on the
-same generated data.
+"""`softwatch bench drift`: the drift monitor, and Evidently, on independently generated traffic.
 
-Generating text is the expensive part, so each condition's pool of sequences is generated
-once (in chunks, saved after each, so an interrupted run resumes) and cached under the data
-directory; trials draw samples from the pools. Within a trial the two sides never share a
-sequence; across trials they do (a pool is finite), so trial outcomes are not independent
-and the confidence intervals are optimistic.
+Every trial is its own traffic (traffic.py): held-out prompts no other trial uses, repeated
+prompts (k prompts x m samples, m cycling over 1, 5, 10), its own sampling seeds, arrival
+order and batch size. Nothing is shared between trials, so their outcomes are independent
+and the Clopper–Pearson intervals hold as stated.
+
+Each trial is written into a fresh data root with the store's own writer and checked by the
+product: `Monitor(root, MonitorConfig()).run()`, the monitor's own settings, after every
+`looks_every` new sequences of the current regime, as the service reruns it while traffic
+arrives (so the regime comparison is looked at repeatedly, and the online detectors are fed
+incrementally from their persisted state). A null trial is a no-op deploy: the baseline regime,
+then the same model under a new revision label, long enough (2 windows) for the window and
+online comparisons. A change trial is the baseline regime then the changed one (CHANGES).
+
+A check is one comparison kind over one trial: it is a false alarm when any look says drift.
+Evidently 0.7's DataDriftPreset runs on the same sequences (baseline regime vs the whole
+current regime; the five sequence metrics that vary, so no constant column counts against its
+half-of-the-columns rule) at its defaults, and with per-column alerting (drift when any
+column's KS p-value is below t) at t matched to the monitor's regime false-alarm rate on the
+null trials: a setting tuned on the reported nulls, which favours Evidently.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import os
-import time
+import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ..drift.monitor import COUNT_METRICS, METRICS
-from ..drift.online import CUSUM, PoissonCUSUM
-from ..drift.twosample import compare
+from ..drift.monitor import Monitor, MonitorConfig
 from . import print_progress
+from .heldout import VERSION
+from .traffic import Plan, Trial, directory, generate, schedule, segment_path
 
-TOKEN_FIELDS = ("entropy", "top_prob", "logprob", "sampling_entropy")
-# Online detectors get a family average run length of 20 sample sizes: about 5% of no-change
-# streams of one sample size alarm (an ARL is a rate, not a per-check level).
-ONLINE_ARL_PER_SIDE = 20
-
-
-@dataclass(frozen=True)
-class Condition:
-    name: str
-    temperature: float = 0.7
-    top_p: float = 0.9
-    template_version: str = "v1"
-    quantize_bits: int | None = None
+KINDS = ("regime", "window", "online")
+EVIDENTLY_COLUMNS = ("mean_entropy", "log_perplexity", "mean_top_prob", "p10_top_prob", "mean_sampling_entropy")
 
 
-BASE = Condition("base")
-CHANGES = [
-    Condition("temperature_0.7_to_0.8", temperature=0.8),
-    Condition("top_p_0.9_to_0.7", top_p=0.7),
-    Condition("weights_int8", quantize_bits=8),
-    Condition("template_v1_to_v2", template_version="v2"),
-]
+def quick_config() -> MonitorConfig:
+    """The monitor's settings scaled to `--quick`'s few sequences (CI: the mechanics, not the figures)."""
+    return MonitorConfig(min_sequences=8, window=16, target_arl=500)
 
 
-@dataclass(frozen=True)
-class Plan:
-    base_pool: int
-    change_pool: int
-    sizes: tuple[int, ...]  # sequences per side
-    null_trials: int
-    change_trials: int
-    max_tokens: int
-    probe_trials: int
-    delay_step: int
+# ---- running the product on one trial -------------------------------------------------------------
+def monitor_looks(tables: list[pa.Table], config: MonitorConfig, looks_every: int) -> list[dict[str, str]]:
+    """Write the baseline regime, then the current one `looks_every` sequences at a time, into a
+    fresh data root, running the monitor after each: each run's verdict per comparison kind."""
+    from ..store import ParquetSink
 
-    @classmethod
-    def full(cls) -> Plan:
-        return cls(base_pool=2000, change_pool=500, sizes=(100, 300), null_trials=200, change_trials=40,
-                   max_tokens=32, probe_trials=50, delay_step=50)
-
-    @classmethod
-    def quick(cls) -> Plan:
-        return cls(base_pool=96, change_pool=48, sizes=(24,), null_trials=6, change_trials=3,
-                   max_tokens=8, probe_trials=3, delay_step=12)
-
-
-# ---- pools ----------------------------------------------------------------------------------------
-def pool(lm, condition: Condition, n: int, max_tokens: int, directory: str, batch: int = 64) -> dict[str, np.ndarray]:
-    """`n` sequences of `condition`: sequence metrics (METRICS), generated_tokens, counts, and
-    the token-level fields with each token's sequence index. Cached in `directory`."""
-    from ..engine import DecodingParams, Engine
-    from ..prompts import chat_messages, prompt_set
-
-    path = os.path.join(directory, f"pool-{condition.name}-{lm.model_rev}-{max_tokens}.npz")
-    done = dict(np.load(path)) if os.path.exists(path) else None
-    have = len(done["generated_tokens"]) if done else 0
-    if have >= n:
-        return _head(done, n)
-    prompts = prompt_set()
-    order = np.random.default_rng(0).permutation(10**6) % len(prompts)  # the same prompt stream for every condition
-    engine = Engine(lm, max_batch=batch)
-    started = time.perf_counter()
-    while have < n:
-        chunk = range(have, min(have + batch, n))
-        for i in chunk:
-            params = DecodingParams(temperature=condition.temperature, top_p=condition.top_p, max_tokens=max_tokens,
-                                    seed=hash((condition.name, i)) & (2**62 - 1),
-                                    template_version=condition.template_version)
-            engine.submit(chat_messages(prompts[order[i]], condition.template_version), params, chat=True,
-                          request_id=str(i))
-        finished = {}
-        while engine.has_work():
-            for c in engine.step():
-                finished[int(c.request_id)] = c
-        done = _append(done, [finished[i] for i in chunk], have)
-        have = len(done["generated_tokens"])
-        os.makedirs(directory, exist_ok=True)
-        np.savez(path + ".tmp.npz", **done)
-        os.replace(path + ".tmp.npz", path)
-        progress(f"generating pool {condition.name}", have, n, started)
-    return _head(done, n)
+    baseline, current = tables
+    looks = []
+    with tempfile.TemporaryDirectory(prefix="softwatch-bench-drift-") as root:
+        _write(ParquetSink, root, baseline)
+        for end in range(looks_every, current.num_rows + 1, looks_every):
+            _write(ParquetSink, root, current.slice(end - looks_every, looks_every))
+            monitor = Monitor(root, config)
+            try:
+                report = monitor.run()
+            finally:
+                monitor.close()
+            looks.append({kind: _verdict([r for r in report.rows if r["kind"] == kind]) for kind in KINDS})
+    return looks
 
 
-def _append(done: dict | None, completions: list, offset: int) -> dict[str, np.ndarray]:
-    from ..stats import COLUMN
-
-    rows = {name: [] for name in (*METRICS, "generated_tokens", *COUNT_METRICS.values())}
-    tokens = {name: [] for name in (*TOKEN_FIELDS, "sequence")}
-    for j, c in enumerate(completions):
-        s, n = c.summary, len(c.token_ids)
-        values = {
-            "mean_entropy": s["mean_entropy"], "log_perplexity": math.log(s["perplexity"]),
-            "mean_top_prob": s["mean_top_prob"], "p10_top_prob": s["p10_top_prob"],
-            "mean_sampling_entropy": s["mean_sampling_entropy"], "overflow_rate": s["overflow"] / max(n, 1),
-            "nonfinite_rate": s["nonfinite"] / max(n, 1), "generated_tokens": n,
-            "overflow": s["overflow"], "nonfinite": s["nonfinite"],
-        }
-        for name in rows:
-            rows[name].append(values[name])
-        stats = np.asarray(c.stats)
-        for name in TOKEN_FIELDS:
-            tokens[name].append(stats[:, COLUMN[name]])
-        tokens["sequence"].append(np.full(n, offset + j))
-    new = {**{k: np.asarray(v, np.float64) for k, v in rows.items()},
-           **{f"token_{k}": np.concatenate(v) for k, v in tokens.items()}}
-    if done is None:
-        return new
-    return {k: np.concatenate([done[k], new[k]]) for k in new}
+def _write(sink_class, root: str, table: pa.Table) -> None:
+    with sink_class(root, writer="bench", journal=None) as sink:
+        sink.write("sequences", table)
 
 
-def _head(p: dict, n: int) -> dict[str, np.ndarray]:
-    keep = p["token_sequence"] < n
-    return {k: (v[keep] if k.startswith("token_") else v[:n]) for k, v in p.items()}
+def _verdict(rows: list[dict]) -> str:
+    verdicts = {r["verdict"] for r in rows}
+    return "drift" if "drift" in verdicts else "no_drift" if "no_drift" in verdicts else "insufficient_data"
 
 
-@dataclass
-class Side:
-    """A sample of sequences drawn from a pool."""
-
-    metrics: dict[str, np.ndarray]
-    tokens: np.ndarray
-    counts: dict[str, np.ndarray]
-    token_rows: dict[str, np.ndarray]
+def outcome(looks: list[dict[str, str]]) -> dict[str, str]:
+    """Per kind, the trial's verdict over all its looks: drift if any look said so, no_drift if
+    some look decided, else insufficient_data (the check never ran)."""
+    return {kind: _verdict([{"verdict": look[kind]} for look in looks]) for kind in KINDS}
 
 
-def draw(p: dict, index: np.ndarray) -> Side:
-    token_mask = np.isin(p["token_sequence"], index)
-    return Side({m: p[m][index] for m in METRICS}, p["generated_tokens"][index],
-                {m: p[c][index] for m, c in COUNT_METRICS.items()},
-                {f: p[f"token_{f}"][token_mask] for f in TOKEN_FIELDS})
-
-
-# ---- detectors ------------------------------------------------------------------------------------
-def softwatch_alarm(a: Side, b: Side) -> bool:
-    return any(r.verdict == "drift" for r in compare(a.metrics, b.metrics, min_sequences=min(20, len(a.tokens))))
-
-
-def online_delay(reference: Side, stream: Side, target_arl: float, seed: int) -> int | None:
-    """Sequences of `stream` until the first detector alarms (None: no alarm), after
-    calibrating on `reference`."""
-    first = None
-    per_metric_arl = target_arl * len(METRICS)
-    for metric in METRICS:
-        if metric in COUNT_METRICS:
-            d = PoissonCUSUM.calibrated(reference.counts[metric], reference.tokens, per_metric_arl, streams=200,
-                                        seed=seed)
-            feed = zip(stream.counts[metric], stream.tokens)
-        else:
-            d = CUSUM.calibrated(reference.metrics[metric], per_metric_arl, streams=200, seed=seed)
-            feed = ((x,) for x in stream.metrics[metric])
-        for i, args in enumerate(feed):
-            if first is not None and i >= first:
-                break
-            d.update(*args)
-            if d.drift_detected:
-                first = i + 1
-                break
-    return first
-
-
-def evidently_alarm(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    """Evidently's DataDriftPreset with its defaults: dataset drift when at least half the
-    columns drift (per column: KS p < 0.05 up to 1000 rows, normalized Wasserstein > 0.1 above)."""
+# ---- Evidently ------------------------------------------------------------------------------------
+def evidently_pvalues(baseline: pa.Table, current: pa.Table) -> dict:
+    """Evidently's DataDriftPreset at its defaults on the sequence metrics that vary: its
+    dataset verdict and each column's p-value."""
     import pandas as pd
     from evidently import Report
     from evidently.presets import DataDriftPreset
 
-    with warnings.catch_warnings(), np.errstate(all="ignore"):  # it correlates constant columns
+    frames = [pd.DataFrame({m: np.nan_to_num(_metric(t, m)) for m in EVIDENTLY_COLUMNS}) for t in (baseline, current)]
+    varying = [c for c in EVIDENTLY_COLUMNS if pd.concat([f[c] for f in frames]).nunique() > 1]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        snapshot = Report([DataDriftPreset()]).run(current_data=pd.DataFrame(b), reference_data=pd.DataFrame(a))
+        snapshot = Report([DataDriftPreset()]).run(current_data=frames[1][varying], reference_data=frames[0][varying])
+    share, pvalues = None, {}
     for metric in snapshot.dict()["metrics"]:
-        if str(metric.get("metric_name", "")).startswith("DriftedColumnsCount"):
+        name = str(metric.get("metric_name", ""))
+        if name.startswith("DriftedColumnsCount"):
             share = metric["value"]["share"]
-            return share >= 0.5
-    raise RuntimeError("Evidently's report has no DriftedColumnsCount metric")
+        elif name.startswith("ValueDrift(") and "p_value" in name:
+            pvalues[metric["config"]["column"]] = float(metric["value"])
+    if share is None:
+        raise RuntimeError("Evidently's report has no DriftedColumnsCount metric")
+    return {"dataset_drift": share >= 0.5, "pvalues": pvalues}
 
 
-def _sequence_frame(side: Side) -> dict[str, np.ndarray]:
-    # Evidently gets the same sequence metrics softwatch tests (NaN-free: it would drop rows)
-    return {m: np.nan_to_num(v) for m, v in side.metrics.items()}
+def _metric(table: pa.Table, metric: str) -> np.ndarray:
+    if metric == "log_perplexity":
+        return np.log(table["perplexity"].to_numpy(zero_copy_only=False).astype(float))
+    return table[metric].to_numpy(zero_copy_only=False).astype(float)
 
 
 # ---- rates ----------------------------------------------------------------------------------------
-_last_report = [0.0]
+def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The exact two-sided interval for a binomial rate."""
+    from scipy.stats import beta
 
-
-def progress(label: str, done: int, total: int, started: float) -> None:
-    """A progress line every few seconds and at the end, with an estimate of the time left."""
-    now = time.perf_counter()
-    if done < total and now - _last_report[0] < 3:
-        return
-    _last_report[0] = now
-    elapsed = now - started
-    left = elapsed / done * (total - done) if done else float("nan")
-    print_progress(f"{label}: {done}/{total} ({elapsed:.0f} s elapsed, ~{left:.0f} s left)")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     if n == 0:
         return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    tail = (1 - confidence) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return (low, high)
+
+
+def upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
+    """The one-sided exact upper bound (0 of 149 gives 0.0199: the ≤ 2% target)."""
+    from scipy.stats import beta
+
+    if n == 0 or k == n:
+        return 1.0
+    return float(beta.ppf(confidence, k + 1, n - k))
 
 
 def rate(alarms: list[bool]) -> dict:
-    k, n = sum(alarms), len(alarms)
-    low, high = wilson(k, n)
-    return {"rate": k / n if n else float("nan"), "ci95": [low, high], "trials": n}
+    k, n = int(sum(alarms)), len(alarms)
+    return {"alarms": k, "checks": n, "rate": k / n if n else None, "ci95": list(clopper_pearson(k, n)),
+            "upper95": upper_bound(k, n)}
+
+
+def matched_threshold(null_min_pvalues: list[float], allowed: int) -> float:
+    """The per-column p-value threshold at which at most `allowed` of the null trials alarm
+    (alarm: some column's p-value below it)."""
+    ordered = sorted(null_min_pvalues)
+    return ordered[allowed] if allowed < len(ordered) else 1.0
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
 def run(model: str = "SmolLM2-135M-Instruct", data: str | None = None, quick: bool = False, device: str = "auto",
-        seed: int = 0) -> dict:
-    from ..drift.probes import builtin_probes, paired_test, score, score_twice
-    from ..models import load_model, quantize_weights
+        generate_missing: bool = True) -> dict:
+    """Generate what is missing of the plan's traffic (unless `generate_missing` is false:
+    then only the trials already generated are evaluated, and the result says `partial`),
+    then run every trial through the monitor and Evidently."""
+    from ..models import load_model
     from ..store import default_root
 
     plan = Plan.quick() if quick else Plan.full()
-    directory = os.path.join(data or default_root(), "bench-drift")
+    config = quick_config() if quick else MonitorConfig()
     lm = load_model(model, device=device)
-    models = {None: lm}
-    pools = {BASE.name: pool(lm, BASE, plan.base_pool, plan.max_tokens, directory)}
-    for change in CHANGES:
-        if change.quantize_bits not in models:
-            models[change.quantize_bits] = quantize_weights(lm, change.quantize_bits)
-        pools[change.name] = pool(models[change.quantize_bits], change, plan.change_pool, plan.max_tokens, directory)
-
-    rng = np.random.default_rng(seed)
-    base = pools[BASE.name]
-    result = {"model": lm.model_id, "plan": plan.__dict__, "sizes": {}}
-    started = time.perf_counter()
-    total = len(plan.sizes) * (plan.null_trials + len(CHANGES) * plan.change_trials)
-    done = 0
-    for n in plan.sizes:
-        out = {"softwatch": {}, "evidently_sequences": {}, "evidently_tokens": {}, "always_alarm": {}}
-        nulls = {"softwatch": [], "evidently_sequences": [], "evidently_tokens": []}
-        online_false = []
-        for trial in range(plan.null_trials):
-            index = rng.permutation(len(base["generated_tokens"]))[: 2 * n]
-            a, b = draw(base, index[:n]), draw(base, index[n:])
-            nulls["softwatch"].append(softwatch_alarm(a, b))
-            nulls["evidently_sequences"].append(evidently_alarm(_sequence_frame(a), _sequence_frame(b)))
-            nulls["evidently_tokens"].append(evidently_alarm(a.token_rows, b.token_rows))
-            if n == max(plan.sizes):  # the online detectors' calibration is the costly part: one size
-                online_false.append(online_delay(a, b, target_arl=ONLINE_ARL_PER_SIDE * n, seed=trial) is not None)
-            done += 1
-            progress("trials", done, total, started)
-        for key, alarms in nulls.items():
-            out[key]["false_alarm_rate"] = rate(alarms)
-        if online_false:
-            out["softwatch_online"] = {"false_alarm_rate": rate(online_false), "detection_rate": {},
-                                       "median_delay_sequences": {}}
-        out["always_alarm"] = {"false_alarm_rate": rate([True] * plan.null_trials)}
-        for key in out:
-            out[key].setdefault("detection_rate", {})
-            out[key].setdefault("median_delay_sequences", {})
-        for change in CHANGES:
-            changed = pools[change.name]
-            hits = {"softwatch": [], "evidently_sequences": [], "evidently_tokens": []}
-            delays, online = [], []
-            for trial in range(plan.change_trials):
-                ia = rng.permutation(len(base["generated_tokens"]))[:n]
-                ib = rng.permutation(len(changed["generated_tokens"]))[:n]
-                a, b = draw(base, ia), draw(changed, ib)
-                hits["softwatch"].append(softwatch_alarm(a, b))
-                hits["evidently_sequences"].append(evidently_alarm(_sequence_frame(a), _sequence_frame(b)))
-                hits["evidently_tokens"].append(evidently_alarm(a.token_rows, b.token_rows))
-                delays.append(_announced_delay(a, changed, ib, plan.delay_step))
-                if n == max(plan.sizes):
-                    online.append(online_delay(a, b, target_arl=ONLINE_ARL_PER_SIDE * n, seed=trial))
-                done += 1
-                progress("trials", done, total, started)
-            for key, alarms in hits.items():
-                out[key]["detection_rate"][change.name] = rate(alarms)
-            out["softwatch"]["median_delay_sequences"][change.name] = _median(delays)
-            if online:
-                out["softwatch_online"]["detection_rate"][change.name] = rate([d is not None for d in online])
-                out["softwatch_online"]["median_delay_sequences"][change.name] = _median(online)
-            out["always_alarm"]["detection_rate"][change.name] = rate([True] * plan.change_trials)
-        result["sizes"][str(n)] = out
-
-    # probes: the model change seen through teacher-forced scoring of <= 64 probes
-    probes = builtin_probes()
-    baseline, replicate = score_twice(lm, probes)
-    rescored = score(lm, probes, batch=5)  # no change: the same model in a third batch composition
-    quantized = score(models[8], probes)
-    probe_null, probe_hits = [], []
-    for trial in range(plan.probe_trials):
-        index = rng.permutation(len(probes))[: min(48, len(probes))]
-        sub = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
-        probe_null.append(any(r.verdict == "drift" for r in paired_test(sub(baseline), sub(replicate), sub(rescored),
-                                                                        seed=trial)))
-        probe_hits.append(any(r.verdict == "drift" for r in paired_test(sub(baseline), sub(replicate), sub(quantized),
-                                                                        seed=trial)))
-    result["probes"] = {"prompts": min(48, len(probes)), "false_alarm_rate": rate(probe_null),
-                        "detection_rate": {"weights_int8": rate(probe_hits)}}
-    main = result["sizes"][str(max(plan.sizes))]
-    result.update({
-        "false_alarm_rate": main["softwatch"]["false_alarm_rate"]["rate"],
-        "detection_rate": {k: v["rate"] for k, v in main["softwatch"]["detection_rate"].items()},
-        "median_delay_sequences": main["softwatch"]["median_delay_sequences"],
-        "evidently": {
-            level: {"false_alarm_rate": main[key]["false_alarm_rate"]["rate"],
-                    "detection_rate": {k: v["rate"] for k, v in main[key]["detection_rate"].items()}}
-            for level, key in (("sequences", "evidently_sequences"), ("tokens", "evidently_tokens"))
-        },
-    })
+    model_for = _models(lm)
+    folder = directory(data or default_root(), lm, plan.max_tokens)
+    trials = schedule(plan)
+    if generate_missing:
+        generate(model_for, trials, folder, plan.max_tokens, progress=print_progress)
+    ready = [t for t in trials if all(os.path.exists(segment_path(folder, t, s)) for s in range(len(t.segments)))]
+    result = evaluate(ready, folder, config, plan)
+    result.update(model=lm.model_id, model_rev=lm.model_rev, prompts=VERSION, traffic=folder,
+                  plan=asdict(plan), monitor=asdict(config), partial=len(ready) < len(trials),
+                  trials_planned={"null": plan.null_trials, **{c: plan.change_trials for c in plan.changes}})
+    if not quick:  # the probes have their own tests; quick checks the trial mechanics
+        result["probes"] = probe_rates(lm, model_for(8), trials=50)
     return result
 
 
-def _announced_delay(a: Side, changed: dict, order: np.ndarray, step: int) -> int | None:
-    """Sequences of the new regime until the regime comparison first says drift, checking
-    every `step` sequences as they arrive (None: not within the pool drawn)."""
-    for m in range(step, len(order) + 1, step):
-        if softwatch_alarm(a, draw(changed, order[:m])):
-            return m
-    return None
+def generate_traffic(model: str = "SmolLM2-135M-Instruct", data: str | None = None, quick: bool = False,
+                     device: str = "auto") -> int:
+    """Generate the plan's missing traffic (resumable); the segments made."""
+    from ..models import load_model
+    from ..store import default_root
+
+    plan = Plan.quick() if quick else Plan.full()
+    lm = load_model(model, device=device)
+    return generate(_models(lm), schedule(plan), directory(data or default_root(), lm, plan.max_tokens),
+                    plan.max_tokens, progress=print_progress)
 
 
-def _median(values: list[int | None]) -> float | None:
-    """Median delay, counting misses as infinitely late (None when most trials missed)."""
-    ordered = sorted(math.inf if v is None else v for v in values)
-    if not ordered:
-        return None
-    middle = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-    return None if math.isinf(middle) else float(middle)
+def _models(lm):
+    """`bits -> model`: the base model (None) or its weights rounded to `bits`, made once."""
+    from ..models import quantize_weights
+
+    models = {None: lm}
+
+    def model_for(bits: int | None):
+        if bits not in models:
+            models[bits] = quantize_weights(lm, bits)
+        return models[bits]
+
+    return model_for
+
+
+def evaluate(trials: list[Trial], folder: str, config: MonitorConfig, plan: Plan) -> dict:
+    """Rates over `trials` (their traffic already in `folder`)."""
+    null_checks = {kind: [] for kind in KINDS}
+    first_look, by_repeats, evidently_null = [], {}, []
+    hits = {name: {"softwatch": [], "evidently": []} for name in plan.changes}
+    change_pvalues = {name: [] for name in plan.changes}
+    record = []
+    outcomes = _outcomes_dir(folder, config, plan)
+    for done, trial in enumerate(trials, 1):
+        looks, ev = trial_outcome(trial, folder, config, plan, outcomes)
+        verdicts = outcome(looks)
+        record.append({"trial": trial.name, "repeats": trial.segments[0].repeats, "order": trial.order,
+                       "max_batch": trial.max_batch, "looks": looks, "verdicts": verdicts,
+                       "evidently": ev})
+        if trial.kind == "null":
+            for kind in KINDS:
+                if verdicts[kind] != "insufficient_data":
+                    null_checks[kind].append(verdicts[kind] == "drift")
+            decided = [look["regime"] for look in looks if look["regime"] != "insufficient_data"]
+            if decided:
+                first_look.append(decided[0] == "drift")
+            m = trial.segments[0].repeats
+            by_repeats.setdefault(str(m), {kind: [] for kind in KINDS})
+            for kind in KINDS:
+                if verdicts[kind] != "insufficient_data":
+                    by_repeats[str(m)][kind].append(verdicts[kind] == "drift")
+            evidently_null.append(ev)
+        else:
+            hits[trial.kind]["softwatch"].append(verdicts["regime"] == "drift")
+            hits[trial.kind]["evidently"].append(ev["dataset_drift"])
+            change_pvalues[trial.kind].append(min(ev["pvalues"].values(), default=1.0))
+        print_progress(f"evaluated {trial.name} ({done}/{len(trials)}): {verdicts}")
+    regime_alarms = sum(null_checks["regime"])
+    threshold = matched_threshold([min(e["pvalues"].values(), default=1.0) for e in evidently_null], regime_alarms)
+    matched_null = [min(e["pvalues"].values(), default=1.0) < threshold for e in evidently_null]
+    return {
+        "false_alarm_rate": {kind: rate(null_checks[kind]) for kind in KINDS},
+        "regime_first_look": rate(first_look),
+        "false_alarm_rate_by_repeats": {m: {kind: rate(v) for kind, v in kinds.items()} for m, kinds in by_repeats.items()},
+        "detection_rate": {name: rate(h["softwatch"]) for name, h in hits.items()},
+        "evidently": {
+            "default": {"false_alarm_rate": rate([e["dataset_drift"] for e in evidently_null]),
+                        "detection_rate": {name: rate(h["evidently"]) for name, h in hits.items()}},
+            "per_column_matched": {"threshold": threshold, "false_alarm_rate": rate(matched_null),
+                                   "detection_rate": {name: rate([p < threshold for p in ps])
+                                                      for name, ps in change_pvalues.items()}},
+        },
+        "trials_evaluated": {"null": len(evidently_null), **{name: len(h["softwatch"]) for name, h in hits.items()}},
+        "trials": record,
+    }
+
+
+def trial_outcome(trial: Trial, folder: str, config: MonitorConfig, plan: Plan, outcomes: str) -> tuple[list, dict]:
+    """The monitor's verdicts at each look and Evidently's p-values for one trial, cached in
+    `outcomes` (evaluation resumes as generation does)."""
+    path = os.path.join(outcomes, f"{trial.name}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        return cached["looks"], cached["evidently"]
+    tables = [pq.read_table(segment_path(folder, trial, s)) for s in range(len(trial.segments))]
+    looks, ev = monitor_looks(tables, config, plan.looks_every), evidently_pvalues(*tables)
+    os.makedirs(outcomes, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"looks": looks, "evidently": ev}, f)
+    os.replace(path + ".tmp", path)
+    return looks, ev
+
+
+def _outcomes_dir(folder: str, config: MonitorConfig, plan: Plan) -> str:
+    """Where outcomes are cached: one folder per monitor config, look spacing and Evidently version."""
+    from importlib.metadata import version
+
+    settings = json.dumps([asdict(config), plan.looks_every, version("evidently")], sort_keys=True).encode()
+    return os.path.join(folder, f"outcomes-{hashlib.blake2b(settings, digest_size=4).hexdigest()}")
+
+
+def probe_rates(lm, quantized, trials: int) -> dict:
+    """The weight change seen through teacher-forced scoring of 48 of the probes (paired test)."""
+    from ..drift.probes import builtin_probes, paired_test, score, score_twice
+
+    probes = builtin_probes()
+    baseline, replicate = score_twice(lm, probes)
+    rescored = score(lm, probes, batch=5)  # no change: the same model in a third batch composition
+    changed = score(quantized, probes)
+    rng = np.random.default_rng(np.random.SeedSequence([16_2026, 99]))
+    null, hits = [], []
+    size = min(48, len(probes))
+    for trial in range(trials):
+        index = rng.permutation(len(probes))[:size]
+        sub = lambda d: {k: v[index] for k, v in d.items()}  # noqa: E731
+        null.append(any(r.verdict == "drift" for r in paired_test(sub(baseline), sub(replicate), sub(rescored),
+                                                                  seed=trial)))
+        hits.append(any(r.verdict == "drift" for r in paired_test(sub(baseline), sub(replicate), sub(changed),
+                                                                  seed=trial)))
+    return {"prompts": size, "false_alarm_rate": rate(null), "detection_rate": {"weights_int8": rate(hits)},
+            "note": "probe subsets overlap (64 probes): trials are not independent"}
+
+
+def format_rate(r: dict) -> str:
+    if not r["checks"]:
+        return "— (0 checks)"
+    return (f"{r['alarms']}/{r['checks']} = {r['rate']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}], "
+            f"upper {r['upper95']:.3f}")
