@@ -36,7 +36,14 @@ class WorkerNode:
     temp_dir: str
 
     def kill(self) -> None:
-        """The node dies at once, as a machine that loses power: SIGKILL to all its processes."""
+        """The node dies at once, as a machine that loses power: SIGKILL to all its processes
+        (its process group, frozen first, and every descendant, whatever group it moved to)."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+        for pid in [*_descendants(self.process.pid), self.process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
@@ -78,3 +85,22 @@ def wait_for_nodes(ips: set[str], timeout_s: float = 120) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"nodes {sorted(ips - alive)} did not join the cluster (alive: {sorted(alive)})")
         time.sleep(0.2)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
