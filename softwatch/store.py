@@ -128,7 +128,9 @@ class ParquetSink:
     journaled rows wait for Parquet; past that, `write_completion` raises `RecordNotDurable`
     until a flush succeeds. The segments of dead writers that this sink recovers are
     written at once, one at a time, and count against no bound: they are read from disk
-    when their turn comes."""
+    when their turn comes. A sink looks for dead writers' segments as it starts and then
+    every `recover_interval_s`, so that the journal of a writer whose node never comes back
+    is written by whichever writer of the root is still alive."""
 
     def __init__(
         self,
@@ -141,17 +143,19 @@ class ParquetSink:
         journal: str | None = "auto",
         flush_on_sigterm: bool = True,
         max_pending_rows: int = 2_000_000,
+        recover_interval_s: float = 10.0,
     ):
         if not 0 <= token_sample_rate <= 1:
             raise ValueError(f"token_sample_rate must be in [0, 1], got {token_sample_rate}")
-        if flush_rows < 1 or flush_interval_s <= 0 or max_pending_rows < 1:
-            raise ValueError("flush_rows and max_pending_rows must be >= 1 and flush_interval_s > 0")
+        if flush_rows < 1 or flush_interval_s <= 0 or max_pending_rows < 1 or recover_interval_s <= 0:
+            raise ValueError("flush_rows and max_pending_rows must be >= 1, flush_interval_s and recover_interval_s > 0")
         self.fs, self.path = open_root(root)
         _make_dir(self.fs, self.path)  # on an object store, nothing: a sink starts while the store is unreachable
         self.flush_rows = flush_rows
         self.flush_interval_s = flush_interval_s
         self.token_sample_rate = token_sample_rate
         self.max_pending_rows = max_pending_rows
+        self.recover_interval_s = recover_interval_s
         self.writer = writer_id() if writer is None else f"{writer}-{os.urandom(8).hex()}"
         self.rows_written = dict.fromkeys(SCHEMAS, 0)
         self._files = count()
@@ -166,6 +170,7 @@ class ParquetSink:
         self._oldest: float | None = None
         self._closed = False
         self._journal_dir = None
+        self._next_recovery = time.monotonic() + recover_interval_s
         if journal is not None:
             self._journal_dir = _journal_dir(self.fs, self.path) if journal == "auto" else journal
             self._recover()
@@ -311,9 +316,13 @@ class ParquetSink:
             _unregister(self)
 
     def _recover(self) -> None:
-        """Take over the journal segments of dead writers: the next flush, due at once, writes them."""
-        for segment in journal.claim_orphans(self._journal_dir):
-            self._batches.append(_Batch(segment.name, None, segment, recovered=True))
+        """Take over the journal segments of dead writers: the next flush, due at once, writes them.
+        Every segment in the journal directory is a candidate, whichever host wrote it: its lock
+        says whether its writer lives."""
+        claimed = [_Batch(segment.name, None, segment, recovered=True)
+                   for segment in journal.claim_orphans(self._journal_dir)]
+        with self._lock:
+            self._batches.extend(claimed)
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -339,17 +348,33 @@ class ParquetSink:
     def _background(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and not self._due():
+                while not self._closed and not self._due() and not self._recovery_due():
                     wait = self.flush_interval_s if self._oldest is None else \
                         max(0.01, self._oldest + self.flush_interval_s - time.monotonic())
+                    if self._journal_dir is not None:
+                        wait = min(wait, max(0.01, self._next_recovery - time.monotonic()))
                     self._wake.wait(wait)
                 if self._closed:
                     return
+                recovering = self._recovery_due()
+            if recovering:
+                self._next_recovery = time.monotonic() + self.recover_interval_s
+                try:
+                    self._recover()
+                except OSError:  # an unreadable journal directory: the records of live writers still go out
+                    log.exception("softwatch: looking for dead writers' journals in %s failed", self._journal_dir)
+                with self._lock:
+                    due = self._due()
+                if not due:
+                    continue
             try:
                 self.flush()
             except Exception:  # kept buffered; retried on the next trigger
                 log.exception("softwatch: writing records to %s failed; will retry", self.path)
                 time.sleep(min(self.flush_interval_s, 5.0))
+
+    def _recovery_due(self) -> bool:
+        return self._journal_dir is not None and time.monotonic() >= self._next_recovery
 
     def _due(self) -> bool:
         if self._pending.full(self.flush_rows) or any(batch.recovered for batch in self._batches):

@@ -6,6 +6,8 @@ records once per finished sequence and adds token counts in bulk, never per toke
 Exporters: OTLP (configured by the standard `OTEL_EXPORTER_OTLP_*` variables), Prometheus
 (this process serves `/metrics` and registers itself in a `file_sd` targets file under the
 data root, so one Prometheus finds every replica), an in-memory reader for tests, or none.
+A process in a Ray cluster serves and registers on its Ray node's IP, the address other nodes
+reach it at; outside Ray, on loopback unless told otherwise.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class Telemetry:
         *,
         instance_id: str | None = None,
         data_root: str | None = None,
-        host: str = "127.0.0.1",
+        host: str | None = None,
         port: int = 0,
         export_interval_s: float = 10.0,
     ):
@@ -87,7 +89,7 @@ class Telemetry:
         self._targets_file: str | None = None
         readers = []
         if exporter == "prometheus":
-            readers.append(self._start_prometheus(host, port, data_root))
+            readers.append(self._start_prometheus(host or node_address(), port, data_root))
         elif exporter == "otlp":
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
@@ -227,6 +229,18 @@ class Telemetry:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def node_address() -> str:
+    """The address other machines reach this process at: the IP of its Ray node when it runs
+    in a Ray cluster (a replica, an actor, a connected driver), else loopback."""
+    try:
+        import ray
+    except ImportError:
+        return "127.0.0.1"
+    if not ray.is_initialized():
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
 
 
 def _safe(name: str) -> str:

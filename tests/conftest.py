@@ -60,7 +60,7 @@ def service(ray_cluster, tmp_path_factory):
     yield from serve_on(tmp_path_factory, **TINY_SERVICE)
 
 
-def serve_on(tmp_path_factory, **args) -> Iterator[dict]:
+def serve_on(tmp_path_factory, proxy_location: str | None = None, **args) -> Iterator[dict]:
     """Run the app with `args` (a data root and an API key file added) on a free port until the
     caller's module is done; yields its url, data root, args, port, engine, and the served model's
     id and context length (from the replica, so that tests derive their numbers from the model)."""
@@ -75,7 +75,7 @@ def serve_on(tmp_path_factory, **args) -> Iterator[dict]:
     key_file.write_text(API_KEY + "\n")
     port = free_port()
     args = {**args, "data": data, "api_key_file": str(key_file)}
-    run(args, port=port)
+    run(args, port=port, proxy_location=proxy_location)
     info = serve.get_deployment_handle("LLMServer", app_name=APP_NAME).info.remote().result()
     yield {"url": f"http://127.0.0.1:{port}", "data": data, "args": args, "port": port, "model": info["model_id"],
            "context_length": info["context_length"], "engine": args.get("engine", "auto")}

@@ -372,3 +372,25 @@ def test_a_journaled_entry_keeps_its_prompt_key_and_one_journaled_before_the_key
     blob = json.dumps(header).encode()
     older = struct.pack("<I", len(blob)) + blob + data[4 + length:]
     assert decode(older).completion.prompt_key is None
+
+
+def test_a_live_sink_recovers_a_dead_writer_s_journal_without_a_new_writer(tmp_path):
+    """A node that never comes back: its writer is SIGKILLed with answered records journaled and
+    no process ever starts again in its place. A sink of the same root that was already running
+    (a replica on another node) writes them within its recovery interval."""
+    root = tmp_path / "data"
+    live = ParquetSink(str(root), flush_interval_s=3600, recover_interval_s=0.5)
+    writer = subprocess.Popen([sys.executable, WRITER, str(root), "hold", "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    deadline = time.time() + 30
+    while not (root / "sequences").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    live.close()
+    assert not list((root / "_journal").glob("*.wal")), "the dead writer's segment is still in the journal"
+    answered = {r["request_id"] for r in Store(str(root)).rows("SELECT request_id FROM sequences")}
+    assert len(answered) == 6  # the writer journaled 6 before saying "ready"
+    assert_exactly_once(root, answered)

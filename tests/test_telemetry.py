@@ -10,7 +10,7 @@ import torch
 
 from softwatch.completion import Completion
 from softwatch.records import RecordContext
-from softwatch.telemetry import BUCKETS, TARGETS_DIR, Telemetry
+from softwatch.telemetry import BUCKETS, TARGETS_DIR, Telemetry, node_address
 
 from .prometheus import file_sd_config, prometheus, query
 
@@ -110,7 +110,9 @@ def test_prometheus_endpoint_registers_and_deregisters_its_target(tmp_path):
     body = urllib.request.urlopen(t.endpoint.url, timeout=5).read().decode()
     assert "softwatch_sequence_perplexity_bucket{" in body and 'le="1.25"' in body
     (target,) = (tmp_path / TARGETS_DIR).glob("*.json")
-    assert json.loads(target.read_text())[0]["targets"] == [f"127.0.0.1:{t.endpoint.port}"]
+    # the address it serves on: its Ray node's IP when this test process is a Ray driver, else loopback
+    assert t.endpoint.host == node_address()
+    assert json.loads(target.read_text())[0]["targets"] == [f"{t.endpoint.host}:{t.endpoint.port}"]
     t.shutdown()
     assert not list((tmp_path / TARGETS_DIR).glob("*.json"))
 

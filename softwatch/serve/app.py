@@ -89,12 +89,14 @@ def args_from_config(path: str) -> tuple[dict, dict]:
     return args, dict(config.get("http_options") or {})
 
 
-def run(args: dict, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False, timeout_s: float = 600):
+def run(args: dict, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False, timeout_s: float = 600,
+        proxy_location: str | None = None):
     """Deploy on the connected Ray cluster with an HTTP proxy on host:port, the way
     `serve deploy` does (a declarative config naming `build_app`), so that running it again
     with other `defaults` or `drift` settings is a lightweight `user_config` update: the
-    replicas are reconfigured in place, not restarted."""
-    deploy([application(args)], host, port, timeout_s)
+    replicas are reconfigured in place, not restarted. `proxy_location`: Serve's (None: its
+    default, a proxy on every node)."""
+    deploy([application(args)], host, port, timeout_s, proxy_location)
     if blocking:
         while True:
             time.sleep(1)
@@ -116,13 +118,14 @@ def application(args: dict, name: str = APP_NAME, route_prefix: str = "/") -> di
             "args": app_args, "deployments": deployments}
 
 
-def deploy(applications: list[dict], host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600) -> None:
+def deploy(applications: list[dict], host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 600,
+           proxy_location: str | None = None) -> None:
     """Make `applications` (entries from `application`) the cluster's whole set of Serve apps
     (a declarative deploy: apps not named are removed) and wait until every one runs."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
     for app in applications:
         _wait_until_running(app["name"], timeout_s)

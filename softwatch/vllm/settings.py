@@ -17,7 +17,7 @@ KEY = "softwatch"
 class ObserverSettings:
     data: str | None = None  # dataset root; None: $SOFTWATCH_DATA or ./softwatch-data
     metrics: str = "prometheus"  # one of telemetry.EXPORTERS
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str | None = None  # None: the Ray node's IP in a Ray cluster, else 127.0.0.1
     metrics_port: int = 0
     deployment: str = "vllm"
     replica: str | None = None  # default: vllm-<host>-<pid>
