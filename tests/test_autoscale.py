@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from ray import serve
 
 from softwatch.drift.monitor import Monitor, MonitorConfig
 from softwatch.serve.app import APP_NAME
-from softwatch.store import Store, wait_for_records
+from softwatch.store import Store, journal_dir, wait_for_records
 
 from .conftest import API_KEY, TINY_SERVICE, serve_on
 
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:D
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
     args = {**TINY_SERVICE, "engine": "softwatch", "num_cpus": 0.25, "defaults": {"temperature": 0.7, "max_tokens": 24},
+            "journal": str(tmp_path_factory.mktemp("shared-journal")),  # where every replica journals
             "drift": {"interval_s": 3600},  # the test runs the monitor itself, once the ramp is over
             "deployments": {"LLMServer": {"autoscaling_config": AUTOSCALING}}}
     yield from serve_on(tmp_path_factory, **args)
@@ -80,13 +82,13 @@ class ReplicaWatch:
 
 def test_autoscaling_ramp_keeps_replica_labels_and_raises_no_drift(service):
     rng = random.Random(0)
-    answered: list[tuple[str, float]] = []  # (request id, when answered)
+    answered: list[str] = []  # request ids
     client = httpx.Client(base_url=service["url"], headers=HEADERS, timeout=120)
 
     def ask() -> None:
         r = client.post("/v1/completions", json={"model": service["model"], "prompt": rng.choice(PROMPTS)})
         r.raise_for_status()
-        answered.extend((rid, time.time()) for rid in r.json()["softwatch"]["request_ids"])
+        answered.extend(r.json()["softwatch"]["request_ids"])
 
     def load(clients: int, until) -> None:
         def worker():
@@ -100,24 +102,27 @@ def test_autoscaling_ramp_keeps_replica_labels_and_raises_no_drift(service):
     with ReplicaWatch() as watch:
         load(1, lambda: len(answered) >= WINDOW)  # one client: one replica is enough
         assert max(watch.running) == 1, watch.running
-        scaled_out_at: list[float] = []
+        scaled_out_at: list[tuple[float, int]] = []  # (when, requests answered by then)
         give_up = time.monotonic() + 90
 
         def served_a_while_after_scale_out() -> bool:
+            """A window's worth of answers, over 4 s at least, once a second replica runs."""
             if not scaled_out_at and watch.running[-1] >= 2:
-                scaled_out_at.append(time.time())
+                scaled_out_at.append((time.time(), len(answered)))
             assert time.monotonic() < give_up, f"no scale-out under load (replicas running: {watch.running[-20:]})"
-            return bool(scaled_out_at) and time.time() - scaled_out_at[0] > 4
+            return bool(scaled_out_at) and time.time() - scaled_out_at[0][0] > 4 and \
+                len(answered) - scaled_out_at[0][1] >= WINDOW
 
         load(12, served_a_while_after_scale_out)  # a burst: Serve adds replicas
         watch.wait_for(lambda n: n == 1, 60, "the idle deployment scaled back to one replica")
     client.close()
 
-    ids = [rid for rid, _ in answered]
-    wait_for_records(service["data"], ids)
+    wait_for_records(service["data"], answered)
+    journal = Path(journal_dir(service["data"], service["args"]["journal"]))
+    assert journal.is_dir()  # the replicas journaled there (their segments are deleted once flushed)
     store = Store(service["data"])
     rows = store.rows("SELECT request_id, replica, ts FROM sequences ORDER BY ts")
-    assert sorted(r["request_id"] for r in rows) == sorted(ids)  # every answer recorded once, nothing else
+    assert sorted(r["request_id"] for r in rows) == sorted(answered)  # every answer recorded once, nothing else
     served_by = {r["replica"] for r in rows}
     assert len(served_by) >= 2, served_by  # the replicas added served traffic
     slack_s = 2.0  # the poll's interval and the record's finish time vs the replica's last poll
