@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="default 8000")
     _add_data_arg(srv)
     srv.add_argument("--metrics", choices=["prometheus", "otlp", "none"], default=None, help="default prometheus")
+    srv.add_argument("--journal", default=None,
+                     help="write-ahead journal directory mounted on every node (NFS, EFS): with an object-store "
+                          "--data, any node recovers the records of a node that died (default: next to a local "
+                          "--data; on this node's disk for an object store)")
     srv.add_argument("--config", default=None, help="a Serve config file such as deploy/serve.yaml")
     srv.add_argument("--api-key", default=None,
                      help="require this bearer token (default $SOFTWATCH_API_KEY; --api-key-file keeps it out of "
@@ -730,8 +734,9 @@ def _serve(args) -> int:
     from .store import default_root
 
     app_args, http = args_from_config(args.config) if args.config else ({}, {})
+    journal = os.path.abspath(args.journal) if args.journal else None
     for key, value in (("model", args.model), ("replicas", args.replicas), ("data", args.data),
-                       ("metrics", args.metrics), ("engine", args.engine)):
+                       ("metrics", args.metrics), ("engine", args.engine), ("journal", journal)):
         if value is not None:
             app_args[key] = value
     key_dir = _deliver_api_key(args, app_args)

@@ -130,7 +130,9 @@ class ParquetSink:
     written at once, one at a time, and count against no bound: they are read from disk
     when their turn comes. A sink looks for dead writers' segments as it starts and then
     every `recover_interval_s`, so that the journal of a writer whose node never comes back
-    is written by whichever writer of the root is still alive."""
+    is written by whichever writer of the root is still alive. `journal`: the directory of the
+    segments ("auto": `journal_dir(root)`), or None for no journal (a killed process loses what
+    it buffered)."""
 
     def __init__(
         self,
@@ -172,7 +174,12 @@ class ParquetSink:
         self._journal_dir = None
         self._next_recovery = time.monotonic() + recover_interval_s
         if journal is not None:
-            self._journal_dir = _journal_dir(self.fs, self.path) if journal == "auto" else journal
+            self._journal_dir = journal_dir(root) if journal == "auto" else journal
+            if not _is_local(self.fs) and self._journal_dir == journal_dir(root):
+                log.warning("softwatch: the journal of %s is on this node's disk (%s): the records it holds before "
+                            "they reach the store are lost if this node is lost for good; give the writers a shared "
+                            "journal directory (softwatch serve --journal, the `journal` app arg)",
+                            root, self._journal_dir)
             self._recover()
         self._thread = threading.Thread(target=self._background, name="softwatch-sink", daemon=True)
         self._thread.start()
@@ -457,13 +464,19 @@ def _holds(fs: pafs.FileSystem, directory: str, path: str) -> bool:
     return False
 
 
-def _journal_dir(fs: pafs.FileSystem, path: str) -> str:
-    """Next to the data on a local root; in the local cache for an object-store root."""
-    if _is_local(fs):
+def journal_dir(root: str, shared: str | None = None) -> str:
+    """The journal directory of `root`'s writers. Under `shared` when given: a POSIX directory
+    mounted on every node (NFS, EFS), holding one subdirectory per root, where any node's writer
+    recovers the segments of a node that died. Else next to the data on a local root, and in
+    this node's cache for an object-store root."""
+    fs, path = open_root(root)
+    if shared is None and _is_local(fs):
         return f"{path}/_journal"
-    from .models import cache_root
+    if shared is None:
+        from .models import cache_root
 
-    return os.path.join(cache_root(), "journal", hashlib.blake2b(path.encode(), digest_size=6).hexdigest())
+        shared = os.path.join(cache_root(), "journal")
+    return os.path.join(shared, hashlib.blake2b(path.encode(), digest_size=6).hexdigest())
 
 
 def _days(ts: pa.ChunkedArray) -> pa.ChunkedArray:

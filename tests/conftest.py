@@ -37,7 +37,7 @@ def ray_cluster():
 
     importlib.import_module("softwatch.serve")  # its Serve settings, before the cluster starts
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     from ray import serve
 

@@ -9,6 +9,11 @@ MODES
             SIGKILL itself when that flush reaches POINT (one of store.FLUSH_POINTS)
   recover   recover dead writers' journals with a new sink, flush, and SIGKILL itself when
             the flush reaches POINT; print "recovered" if it never does
+  journal   journal N sequences without flushing, print their ids, and SIGKILL itself
+
+$RECORD_WRITER_SHARED_JOURNAL, if set, is the shared journal directory (store.journal_dir) of the
+journal and recover modes; $RECORD_WRITER_HOST the host name this writer puts in its ids (another
+node's).
   full      with files limited to ARG bytes (RLIMIT_FSIZE: writes past it are cut short, then
             fail, as on a full disk), journal sequences until one is refused; lift the limit,
             journal N more; print the ids of the sequences answered, and SIGKILL itself
@@ -22,10 +27,14 @@ import time
 
 from softwatch.bench.store import synthetic_completions
 from softwatch.records import RecordContext
-from softwatch.store import ParquetSink, RecordNotDurable
+import softwatch.store
+from softwatch.store import ParquetSink, RecordNotDurable, journal_dir
 
 root, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 arg = sys.argv[4] if len(sys.argv) > 4 else None
+journal = journal_dir(root, os.environ.get("RECORD_WRITER_SHARED_JOURNAL"))
+if "RECORD_WRITER_HOST" in os.environ:
+    softwatch.store.host_name = lambda: os.environ["RECORD_WRITER_HOST"]
 
 
 def kill_at(chosen: str):
@@ -71,9 +80,15 @@ elif mode == "kill-at":
 elif mode == "recover":
     killing = kill_at(arg)
     ParquetSink.at_flush_point = lambda self, point: killing(point)  # recovery flushes as the sink starts
-    sink = ParquetSink(root, flush_rows=10**9, flush_interval_s=3600)
+    sink = ParquetSink(root, flush_rows=10**9, flush_interval_s=3600, journal=journal)
     sink.flush()
     print("recovered", flush=True)
+elif mode == "journal":
+    sink = ParquetSink(root, flush_rows=10**9, flush_interval_s=3600, journal=journal)
+    for c in completions:
+        sink.write_completion(c, context)
+    print(" ".join(c.request_id for c in completions), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 elif mode == "full":
     sink = ParquetSink(root, flush_rows=10**9, flush_interval_s=3600)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from softwatch.store import _journal_dir, open_root
+from softwatch.store import journal_dir, open_root
 
 from .prometheus import free_port
 
@@ -99,7 +99,7 @@ class Root:
     @property
     def journal_dir(self) -> Path:
         """Where writers of this root journal: under it locally, in the local cache for S3."""
-        return Path(_journal_dir(self.fs, self.path))
+        return Path(journal_dir(self.uri))
 
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self / relative).type != pafs.FileType.NotFound

@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .exported_metrics import unknown_metrics
+
 RULES = Path(__file__).parent.parent / "deploy" / "prometheus" / "softwatch.rules.yml"
 M = 'gen_ai_request_model="m",model_rev="r1",params_id="p1",replica="a",gen_ai_token_type="output"'
+STARTS = 'ray_serve_deployment_replica_starts_total{application="softwatch",deployment="LLMServer",replica="%s"}'
 
 
 def _promtool() -> str:
@@ -80,6 +83,16 @@ CASES = {
         ([(f'softwatch_sequences_total{{{M},finish_reason="stop"}}', "5x60")], "40m", {}),
         ([(f'softwatch_sequences_total{{{M},finish_reason="stop"}}', counter(5))], "40m", None),
     ],
+    "SoftwatchReplicaRestarts": [
+        # replica a runs throughout; b, c and d crash after two minutes each, e replaces d
+        ([(STARTS % "a", "1x40"), (STARTS % "b", "_x16 1 1 stale"), (STARTS % "c", "_x19 1 1 stale"),
+          (STARTS % "d", "_x22 1 1 stale"), (STARTS % "e", "_x25 1x15")], "30m",
+         {"application": "softwatch", "deployment": "LLMServer"}),
+        # autoscaling from 1 to 4 replicas starts 3
+        ([(STARTS % "a", "1x40"), *((STARTS % r, "_x20 1x20") for r in "bcd")], "30m", None),
+        # Prometheus (re)started 10 minutes ago: every series is new, none is a restart
+        ([(STARTS % r, "_x20 1x20") for r in "abcde"], "30m", None),
+    ],
     "SoftwatchTargetDown": [
         ([('up{job="softwatch",instance="10.0.0.1:9464"}', "1 1 0 0 0 0 0 0 0")], "8m",
          {"job": "softwatch", "instance": "10.0.0.1:9464"}),
@@ -95,6 +108,11 @@ def test_every_alert_has_a_firing_and_a_quiet_case():
         assert any(c[2] is not None for c in cases) and any(c[2] is None for c in cases), name
         assert rules[name]["labels"]["severity"] in ("warning", "critical")
         assert {"summary", "description", "runbook"} <= set(rules[name]["annotations"]), name
+
+
+def test_every_rule_names_a_metric_that_softwatch_or_ray_serve_exports():
+    unknown = {name: unknown_metrics(rule["expr"]) for name, rule in _rules().items() if unknown_metrics(rule["expr"])}
+    assert not unknown, unknown
 
 
 def test_promtool_check_rules():

@@ -14,6 +14,7 @@ import yaml
 
 from softwatch.dashboards import expand, load, panel_queries, query
 
+from .exported_metrics import is_ray_serve_metric, metric_names, unknown_metrics
 from .prometheus import free_port, prometheus
 
 ROOT = Path(__file__).parent.parent
@@ -51,10 +52,27 @@ def test_dashboard_structure(name):
     assert provider["providers"][0]["type"] == "file"
 
 
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_every_query_names_a_metric_that_softwatch_or_ray_serve_exports(name):
+    d = DASHBOARDS[name]
+    exprs = [(title, expr) for title, _, expr, _ in panel_queries(d)]
+    exprs += [(a["name"], a["expr"]) for a in d["annotations"]["list"][1:]]
+    unknown = {title: unknown_metrics(expr) for title, expr in exprs if unknown_metrics(expr)}
+    assert not unknown, unknown
+
+
+def test_overview_shows_ray_serve_requests_latency_queue_and_replica_health():
+    ray_names = {n for _, _, expr, _ in panel_queries(DASHBOARDS["overview"]) for n in metric_names(expr)
+                 if is_ray_serve_metric(n)}
+    assert {"ray_serve_num_http_requests_total", "ray_serve_http_request_latency_ms_bucket",
+            "ray_serve_deployment_queued_queries", "ray_serve_deployment_replica_healthy"} <= ray_names, ray_names
+
+
 @pytest.fixture(scope="module")
 def live(ray_cluster, tmp_path_factory):
     """A service with the Prometheus exporter and fault injection on, and a Prometheus started
-    from deploy/prometheus.yml with the alert rules, scraping it through file_sd."""
+    from deploy/prometheus.yml with the alert rules, scraping it through file_sd, and Ray's own
+    metrics."""
     from ray import serve
 
     from softwatch.serve.app import run
@@ -70,11 +88,20 @@ def live(ray_cluster, tmp_path_factory):
     config["rule_files"] = [str(ROOT / "deploy/prometheus/softwatch.rules.yml")]
     config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(data / "prometheus/targets/*.json")]
     config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"
+    config["scrape_configs"].append({"job_name": "ray-session", "static_configs": [{"targets": [_ray_metrics_target()]}]})
     try:
         with prometheus(yaml.safe_dump(config), tmp_path_factory.mktemp("prometheus")) as prom:
             yield {"url": f"http://127.0.0.1:{port}", "prometheus": prom, "args": args, "port": port, "data": data}
     finally:
         serve.shutdown()
+
+
+def _ray_metrics_target() -> str:
+    """Ray's metrics agent on the session cluster's node: Ray Serve's own metrics, for the Ray
+    panels (a Ray started without its dashboard writes no service-discovery file)."""
+    import ray
+
+    return f"127.0.0.1:{ray._private.worker.global_worker.node.metrics_export_port}"
 
 
 def _complete(url: str, i: int, **extra) -> dict:

@@ -24,9 +24,9 @@ WRITER = str(Path(__file__).with_name("record_writer.py"))
 TOKENS_PER_SEQUENCE = 256  # synthetic_completions
 
 
-def run_writer(root, *args) -> subprocess.CompletedProcess:
+def run_writer(root, *args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, WRITER, str(root), *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=None if env is None else {**os.environ, **env})
 
 
 def assert_exactly_once(root, request_ids: set[str]) -> None:
@@ -59,6 +59,46 @@ def test_a_kill_at_any_point_of_a_flush_or_of_its_recovery_keeps_every_answered_
     assert len(answered) == 40
     assert_exactly_once(root, answered)
     assert not list(root.journal_dir.iterdir())
+
+
+def test_a_shared_journal_lets_another_node_recover_a_dead_node_s_records_into_an_object_store(s3_endpoint,
+                                                                                                   tmp_path):
+    """Two nodes (each its own host name and local cache) write one s3:// root, and a writer on
+    node A is killed with records journaled but not flushed. With the journal on A's disk (the
+    default) node B's writer cannot see them, and says so as it starts; with a journal directory
+    both nodes mount, B's writer recovers them, once."""
+    root = s3_endpoint.new_root()
+    shared = tmp_path / "shared-journal"  # the NFS/EFS volume both nodes mount
+    store = Store(root.uri)
+
+    def node(name: str, *shared_journal: Path) -> dict:
+        env = {"SOFTWATCH_CACHE": str(tmp_path / f"{name}-cache"), "RECORD_WRITER_HOST": name}
+        return {**env, **{"RECORD_WRITER_SHARED_JOURNAL": str(d) for d in shared_journal}}
+
+    def killed_writer_on_a(*shared_journal: Path) -> set[str]:
+        writer = run_writer(root, "journal", 6, env=node("nodea", *shared_journal))
+        assert writer.returncode == -signal.SIGKILL, writer.stderr
+        assert len(set(writer.stdout.split())) == 6
+        return set(writer.stdout.split())
+
+    def recorded() -> set[str]:
+        return {r["request_id"] for r in store.rows("SELECT request_id FROM sequences")}
+
+    stranded = killed_writer_on_a()
+    recoverer = run_writer(root, "recover", 0, "never", env=node("nodeb"))
+    assert recoverer.returncode == 0 and recoverer.stdout.strip() == "recovered", recoverer.stderr
+    assert "lost if this node is lost for good" in recoverer.stderr
+    assert not recorded() and len(list((tmp_path / "nodea-cache").rglob("*.wal"))) == 1  # only node A has them
+
+    answered = killed_writer_on_a(shared)
+    assert not recorded()
+    recoverer = run_writer(root, "recover", 0, "never", env=node("nodeb", shared))
+    assert recoverer.returncode == 0 and recoverer.stdout.strip() == "recovered", recoverer.stderr
+    assert "lost if this node is lost for good" not in recoverer.stderr
+    assert store.rows("SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM sequences")[0] == {"n": 6, "d": 6}
+    assert recorded() == answered and not stranded & answered
+    assert {Path(f).name.split("-")[1] for f in root.files("sequences")} == {"nodea"}  # A's segment, written by B
+    assert not list(shared.rglob("*.wal"))
 
 
 def test_a_segment_is_recovered_even_when_its_writer_s_pid_is_the_recoverer_s(tmp_path):

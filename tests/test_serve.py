@@ -410,6 +410,8 @@ def test_deploy_files_are_valid_serve_configs():
         build_app({"api_key": "secret"})
     with pytest.raises(ValueError, match="unknown"):
         build_app({"modle": "typo"})
+    with pytest.raises(ValueError, match="journal: must be an absolute path"):
+        build_app({"journal": "softwatch-journal"})  # each node's process would resolve it elsewhere
     import shutil
     import subprocess
 

@@ -3,6 +3,7 @@ config) and the local runner behind `softwatch serve`."""
 
 from __future__ import annotations
 
+import os
 import time
 
 from ray import serve
@@ -18,7 +19,7 @@ APP_NAME = "softwatch"
 # Settings of the LLM replicas (the rest of `args` configures the deployments).
 SETTINGS = ("engine", "observe", "model", "device", "dtype", "data", "metrics", "max_batch", "store_text",
             "token_sample_rate", "torch_threads", "deployment", "allow_fault_injection", "max_prompt_tokens",
-            "max_batch_tokens", "request_timeout_s", "max_failed_steps")
+            "max_batch_tokens", "request_timeout_s", "max_failed_steps", "journal")
 MAX_QUEUED_REQUESTS = 512  # per LLM replica; beyond it a request is answered 503 with Retry-After
 RETRY_AFTER_S = 2.0
 
@@ -27,7 +28,8 @@ def build_app(args: dict) -> Application:
     """args: the SETTINGS above (`engine`: "auto" — vLLM with the softwatch observer where vLLM is
     installed, else softwatch's own engine — "vllm" or "softwatch"), plus `replicas`, `num_cpus`, `num_gpus`, `defaults` (the
     user_config: decoding defaults), `drift` (the DriftMonitor's user_config: interval_s and
-    thresholds), `require_api_key` (refuse to start without a key), `api_key_file` (a path on the
+    thresholds), `journal` (a directory every node mounts, for the replicas' write-ahead journal: see
+    store.journal_dir), `require_api_key` (refuse to start without a key), `api_key_file` (a path on the
     ingress's node; else the key is $SOFTWATCH_API_KEY there: see serve/auth.py) and
     `deployments` ({"LLMServer": {...Serve deployment options}, "Ingress": {...}, "DriftMonitor": {...}}).
     With a `data` root the app runs a DriftMonitor over it."""
@@ -46,6 +48,9 @@ def build_app(args: dict) -> Application:
     settings = {k: args[k] for k in SETTINGS if k in args}
     if settings.get("engine", "auto") not in ENGINES:
         raise ValueError(f"engine: must be one of {', '.join(ENGINES)}, got {settings['engine']!r}")
+    if settings.get("journal") is not None and not os.path.isabs(settings["journal"]):
+        raise ValueError(f"journal: must be an absolute path, the same on every node (a shared volume), "
+                         f"got {settings['journal']!r}")
     overrides = args.get("deployments") or {}
     llm_options = {
         "name": "LLMServer",

@@ -35,7 +35,7 @@ from ..engine import Engine, StepFailed
 from ..models import load_model
 from ..recorder import Recorder
 from ..records import RecordContext
-from ..store import ParquetSink
+from ..store import ParquetSink, journal_dir
 from ..telemetry import Telemetry
 from ..vllm import resolve_engine
 
@@ -68,7 +68,8 @@ class LLMServer:
         self.context = RecordContext(deployment=settings.get("deployment", "softwatch"), replica=replica,
                                      store_text=bool(settings.get("store_text", False)))
         data = settings.get("data")
-        sink = ParquetSink(data, token_sample_rate=float(settings.get("token_sample_rate", 1.0))) if data else None
+        sink = ParquetSink(data, token_sample_rate=float(settings.get("token_sample_rate", 1.0)),
+                           journal=journal_dir(data, settings.get("journal"))) if data else None
         self.recorder = Recorder(self.context, sink, Telemetry(settings.get("metrics", "none"), instance_id=replica,
                                                                data_root=data))
         self.fault = bool(settings.get("allow_fault_injection", False))

@@ -315,7 +315,7 @@ def _step_stats(logits: torch.Tensor, token_ids: torch.Tensor, owners: list[Trac
 
 
 def _recorder(settings: ObserverSettings, context: RecordContext) -> Recorder | Handoff:
-    from ..store import ParquetSink
+    from ..store import ParquetSink, journal_dir
     from ..telemetry import Telemetry
 
     if settings.handoff:
@@ -323,7 +323,7 @@ def _recorder(settings: ObserverSettings, context: RecordContext) -> Recorder | 
     root = settings.data_root
     # vLLM shuts its engine down in its own order on SIGTERM; the sink closes with the observer
     sink = ParquetSink(root, token_sample_rate=settings.token_sample_rate, flush_interval_s=settings.flush_interval_s,
-                       flush_on_sigterm=False)
+                       flush_on_sigterm=False, journal=journal_dir(root, settings.journal))
     telemetry = Telemetry(settings.metrics, instance_id=context.replica, data_root=root, host=settings.metrics_host,
                           port=settings.metrics_port)
     return Recorder(context, sink, telemetry)

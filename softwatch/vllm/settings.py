@@ -26,6 +26,7 @@ class ObserverSettings:
     store_text: bool = False
     token_sample_rate: float = 1.0
     flush_interval_s: float = 10.0
+    journal: str | None = None  # a directory every node mounts, for the journal (store.journal_dir)
     handoff: str | None = None  # a `handoff.Handoff` key: give completions to it instead of recording them
 
     @classmethod
