@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..drift.monitor import COUNT_METRICS, METRICS
+from ..drift.monitor import COUNT_METRICS
+from ..drift.monitor import STATISTIC_METRICS as METRICS  # the pools hold the token statistics only
 from ..drift.online import CUSUM, PoissonCUSUM
 from ..drift.twosample import compare
 from . import print_progress

@@ -38,8 +38,8 @@ from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
 from .online import CUSUM, PoissonCUSUM
 from .twosample import TESTS, TestResult, compare, permutations_for
 
-# sequence-level metric -> its SQL over the `sequences` view
-METRICS = {
+# sequence-level metric -> its SQL over the `sequences` view: the token statistics' summaries
+STATISTIC_METRICS = {
     "mean_entropy": "mean_entropy",
     "log_perplexity": "ln(perplexity)",
     "mean_top_prob": "mean_top_prob",
@@ -48,6 +48,18 @@ METRICS = {
     "overflow_rate": "overflow / greatest(generated_tokens, 1)",
     "nonfinite_rate": "nonfinite / greatest(generated_tokens, 1)",
 }
+# ... and how long a sequence is and how it ended: the other statistics' means depend on the
+# length, which `max_tokens` (not part of params_id) and the finish mix set. The finish-reason
+# mix is tested as two per-sequence indicators (the rest is "other"); under the cluster
+# permutation KS on an indicator is the exact two-proportion test for repeated prompts.
+LENGTH_METRICS = {
+    "generated_length": "generated_tokens::DOUBLE",
+    "finish_length": "(finish_reason = 'length')::DOUBLE",
+    "finish_stop": "(finish_reason = 'stop')::DOUBLE",
+    "repetition": "repetition",  # null in files written before the column: not tested there
+}
+METRICS = {**STATISTIC_METRICS, **LENGTH_METRICS}
+ONLINE_METRICS = tuple(STATISTIC_METRICS)  # the CUSUMs watch the statistics, not the discrete length metrics
 COUNT_METRICS = {"overflow_rate": "overflow", "nonfinite_rate": "nonfinite"}
 REGIME_IDENTITY = ("model_id", "model_rev", "params_id")
 log = logging.getLogger("softwatch.drift")
@@ -299,7 +311,9 @@ class Monitor:
         else:
             baseline = baseline.take(slice(0, cap))
         current = current.take(slice(0, cap))
-        results = compare(baseline.metrics, current.metrics, alpha=self.config.alpha,
+        measured = _measured(baseline, current)
+        results = compare({m: baseline.metrics[m] for m in measured}, {m: current.metrics[m] for m in measured},
+                          alpha=self.config.alpha,
                           min_effect=self.config.min_effect, min_sequences=self.config.min_sequences,
                           permutations=self.config.permutations, baseline_keys=baseline.keys,
                           current_keys=current.keys)
@@ -319,7 +333,7 @@ class Monitor:
         watch = state.regimes.get(label)
         if watch is None or watch.get("settings") != settings:  # first seen past its reference window, or retuned
             watch = state.regimes[label] = {"fed": {}, "watermark_us": None, "detectors": {}, "settings": settings}
-            for metric in METRICS:
+            for metric in ONLINE_METRICS:
                 watch["detectors"][metric] = _collecting(COUNT_METRICS.get(metric))
             self._feed(watch, reference)
             batches = self._stream(files, [], regime, offset=w)
@@ -366,7 +380,7 @@ class Monitor:
         an alarm is recorded with its sequence, and the detector collects a new reference
         from the sequences after it."""
         w = self.config.window
-        arl = self.config.target_arl * len(METRICS)  # the family of detectors keeps the target together
+        arl = self.config.target_arl * len(ONLINE_METRICS)  # the family of detectors keeps the target together
         alarms = []
         if len(sample):
             watch["watermark_us"] = max(int(sample.ts.max()), watch["watermark_us"] or 0)
@@ -511,6 +525,13 @@ def _sample(table: pa.Table, label: str) -> Sample:
                   {name: column(name) for name in METRICS}, column("generated_tokens"),
                   {name: column(count) for name, count in COUNT_METRICS.items()},
                   np.array(table["prompt_key"].to_pylist(), dtype=object))
+
+
+def _measured(*samples: Sample) -> list[str]:
+    """The metrics some sequence of these samples has a value of: a column that files written
+    before it existed lack (null, e.g. `repetition`) is not tested rather than reported as
+    insufficient data on every run."""
+    return [m for m in METRICS if any(np.isfinite(s.metrics[m]).any() for s in samples)]
 
 
 def _regime_filter(regime: dict) -> Filter:

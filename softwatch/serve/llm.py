@@ -73,6 +73,7 @@ class LLMServer:
                                                                data_root=data))
         self.fault = bool(settings.get("allow_fault_injection", False))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._params_sources: dict[str, str] = {}  # request id -> params_source (decode thread only)
         self._stopping = False
         self._thread = threading.Thread(target=self._decode_loop, name="softwatch-decode", daemon=True)
         self._thread.start()
@@ -185,7 +186,8 @@ class LLMServer:
         except Exception as exc:  # noqa: BLE001 - this request's failure, not the replica's
             log.exception("softwatch: preparing %s failed", spec["request_id"])
             raise refused(500, None, f"preparing the request failed: {type(exc).__name__}: {exc}") from None
-        return _Choice(spec, ids, params, prompt if isinstance(prompt, str) else repr(prompt))
+        return _Choice(spec, ids, params, prompt if isinstance(prompt, str) else repr(prompt),
+                       params_source(params, self.defaults))
 
     async def _timed_out(self, running: dict[int, _Choice], events: asyncio.Queue):
         """The answers of choices past the request's timeout, once the decode thread has recorded
@@ -283,10 +285,14 @@ class LLMServer:
                 return
             callers[choice.request_id] = choice.put
             prompts[choice.request_id] = choice.prompt
+            self._params_sources[choice.request_id] = choice.params_source
         put((None, "admitted"))
 
     def _finish(self, c: Completion, callers: dict, prompts: dict, error: tuple | None = None) -> None:
         """Record a request that left the engine, then answer its caller (if it still listens)."""
+        source = self._params_sources.pop(c.request_id, None)
+        if source is not None:
+            c.regime = {**c.regime, "params_source": source}
         durable = self._record(c, prompts.pop(c.request_id, None))
         put = callers.pop(c.request_id, None)
         if put is None:
@@ -355,6 +361,7 @@ class _Choice:
     ids: list[int]
     params: DecodingParams
     prompt: str  # what its record keeps (when the deployment stores text)
+    params_source: str  # "deployment" | "request" (params_source)
     put: Callable[[tuple], None] | None = None
     on_token: Callable | None = None
 
@@ -369,6 +376,13 @@ class _Choice:
     @property
     def fault(self) -> str | None:
         return self.spec.get("fault")
+
+
+def params_source(params: DecodingParams, defaults: DecodingParams) -> str:
+    """"deployment" when a request decodes in the deployment's regime (it set no decoding
+    parameter, or set them to what the deployment's defaults give), else "request": a client's
+    own temperature/top_p/top_k, whose regime must not displace the deployment's in the monitor."""
+    return "deployment" if params.params_id == defaults.params_id else "request"
 
 
 class _Refused(Exception):
