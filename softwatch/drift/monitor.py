@@ -39,7 +39,7 @@ from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
 from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
 from .online import CUSUM, PoissonCUSUM
-from .regimes import PIN_KEYS, PinError, Segment
+from .regimes import PIN_KEYS, Segment
 from .regimes import plan as plan_comparisons
 from .twosample import TESTS, TestResult, compare, permutations_for
 
