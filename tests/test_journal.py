@@ -183,7 +183,7 @@ def test_a_recovered_backlog_is_written_at_once_one_segment_at_a_time_and_refuse
 def test_a_recovered_backlog_is_held_in_memory_one_segment_at_a_time(tmp_path, monkeypatch):
     backlog = synthetic_completions(30, hours=0.01)
     for i in range(3):
-        journal_dead_writer_s(tmp_path, f"dead-{i:06d}", backlog[10 * i:10 * (i + 1)])
+        journal_dead_writer_s(tmp_path / "_journal", f"dead-{i:06d}", backlog[10 * i:10 * (i + 1)])
     seen, loaded_at_start = [], []
     write_batch = ParquetSink._write_batch
 

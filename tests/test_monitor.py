@@ -16,7 +16,7 @@ def test_queries_and_health_are_answered_while_a_run_works(tmp_path):
     monitor = DriftMonitor({"data": str(tmp_path)})
     monitor.reconfigure({"interval_s": 3600, "permutations": 99})
     first = asyncio.run(monitor.run_now())  # a completed run whose reports are stored
-    monitor.reconfigure({"interval_s": 3600, "permutations": 4_999})  # a slow run, for real
+    monitor.reconfigure({"interval_s": 3600, "permutations": 19_999})  # a slow run, for real
 
     async def during_a_run():
         run = asyncio.create_task(monitor.run_now())
