@@ -321,44 +321,59 @@ class Monitor:
             self._compare_samples(report, "window", first.take(slice(0, w)), last)
 
     def probe(self, lm, probes: list | None = None) -> Report:
-        """Score the probes on `lm`, store the scores, and compare them (paired) with the most
-        recent probe run of another model revision."""
-        from .probes import PROBE_METRICS, builtin_probes, paired_test, score_twice
+        """Score the probes on `lm` and record them (`record_probes`)."""
+        from .probes import builtin_probes, score_twice
 
         probes = probes or builtin_probes()
+        return self.record_probes(lm.model_id, lm.model_rev, probes, score_twice(lm, probes))
+
+    def record_probes(self, model_id: str, model_rev: str, probes: list, scores: tuple,
+                      against_other: bool = True) -> Report:
+        """Store a revision's probe scores (`probes.score_twice`) and compare them (paired) with
+        the most recent probe run of another model revision (unless `against_other` is false:
+        a periodic rescoring, whose revision was compared when it was new), and with this
+        revision's own previous run: a numerics change that kept the label (another kernel,
+        library or device) moves the scores of the same weights."""
+        from .probes import PROBE_METRICS
+
         report = self._new_report()
-        scores = score_twice(lm, probes)
         rows = [{"ts": report.ts, "run_id": report.report_id, "probe_id": p.probe_id, "replicate": replicate,
                  **{m: float(scores[replicate][m][i]) for m in PROBE_METRICS},
-                 "model_id": lm.model_id, "model_rev": lm.model_rev}
+                 "model_id": model_id, "model_rev": model_rev}
                 for replicate in (0, 1) for i, p in enumerate(probes)]
-        previous = self.store.rows(
-            "SELECT run_id, model_id, model_rev FROM probes WHERE (model_id, model_rev) != (?, ?) "
-            "ORDER BY ts DESC LIMIT 1", [lm.model_id, lm.model_rev])
+        other = self.store.rows(
+            "SELECT run_id, model_id, model_rev, ts FROM probes WHERE (model_id, model_rev) != (?, ?) "
+            "ORDER BY ts DESC LIMIT 1", [model_id, model_rev])
+        own = self.store.rows(
+            "SELECT run_id, model_id, model_rev, ts FROM probes WHERE model_id = ? AND model_rev = ? "
+            "ORDER BY ts DESC LIMIT 1", [model_id, model_rev])
         with ParquetSink(self.root, writer=f"probe-{report.report_id}", journal=None) as sink:
             sink.write("probes", pa.Table.from_pylist(rows, schema=PROBES))
-        if not previous:
-            return report  # the first model scored: the baseline of later runs
-        before = previous[0]
+        for before in (other if against_other else []) + own:  # none: the first run of the first model is the baseline of later ones
+            self._probe_rows(report, before, probes, scores[0], f"{model_id}@{model_rev}")
+        if report.rows:
+            self._publish(report)
+        return report
+
+    def _probe_rows(self, report: Report, before: dict, probes: list, current: dict, label: str) -> None:
+        """The paired test of `current` scores against the probe run `before` (its two replicates)."""
+        from .probes import PROBE_METRICS, paired_test
+
         baseline = self.store.rows(f"SELECT probe_id, replicate, {', '.join(PROBE_METRICS)} FROM probes "
                                    "WHERE run_id = ?", [before["run_id"]])
         by_probe = {(r["probe_id"], r["replicate"]): r for r in baseline}
         shared = [i for i, p in enumerate(probes) if (p.probe_id, 0) in by_probe and (p.probe_id, 1) in by_probe]
         side = lambda replicate: {m: np.array([by_probe[(probes[i].probe_id, replicate)][m] for i in shared])  # noqa: E731
                                   for m in PROBE_METRICS}
-        current = {m: scores[0][m][shared] for m in PROBE_METRICS}
-        label = lambda r: f"{r['model_id']}@{r['model_rev']}"  # noqa: E731
-        for r in paired_test(side(0), side(1), current):
+        for r in paired_test(side(0), side(1), {m: current[m][shared] for m in PROBE_METRICS}):
             report.rows.append({
                 "report_id": report.report_id, "ts": report.ts, "kind": "probe", "metric": r.metric,
                 "test": "paired_sign_flip", "statistic": r.statistic, "p_value": r.p_value,
-                "effect_size": r.effect_size, "threshold": r.threshold, "baseline_regime": label(before),
-                "current_regime": label({"model_id": lm.model_id, "model_rev": lm.model_rev}),
-                "baseline_start": None, "baseline_end": None, "current_start": report.ts, "current_end": report.ts,
-                "n_baseline": r.n, "n_current": r.n, "verdict": r.verdict,
+                "effect_size": r.effect_size, "threshold": r.threshold,
+                "baseline_regime": f"{before['model_id']}@{before['model_rev']}", "current_regime": label,
+                "baseline_start": before["ts"], "baseline_end": before["ts"], "current_start": report.ts,
+                "current_end": report.ts, "n_baseline": r.n, "n_current": r.n, "verdict": r.verdict,
             })
-        self._publish(report)
-        return report
 
     def _compare_samples(self, report: Report, kind: str, baseline: Sample, current: Sample,
                          recent_baseline: bool = False) -> None:

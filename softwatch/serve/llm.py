@@ -17,6 +17,7 @@ whose last `max_failed_steps` steps all failed reports itself unhealthy, so Serv
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -94,7 +95,24 @@ class LLMServer:
         return {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "context_length": self.lm.context_length,
                 "defaults": {k: getattr(self.defaults, k) for k in DEFAULT_KEYS},
                 "params_id": self.defaults.params_id, "replica": self.context.replica, "pid": os.getpid(),
-                "running": self.engine.running, "waiting": self.engine.waiting, "failed_steps": self.failed_steps}
+                "running": self.engine.running, "waiting": self.engine.waiting, "failed_steps": self.failed_steps,
+                "scores_probes": self._scores_probes}
+
+    @property
+    def _scores_probes(self) -> bool:
+        """Whether this engine's model can be run teacher-forced (softwatch's engine; not vLLM's)."""
+        return getattr(self.lm, "model", None) is not None
+
+    async def score_probes(self) -> dict:
+        """The built-in probes scored teacher-forced on this replica's model (`probes.score_twice`),
+        run by the decode thread between two steps so that the model never runs in two threads
+        at once: {"model_id", "model_rev", "scores"}. ValueError where the engine cannot."""
+        if not self._scores_probes:
+            raise ValueError("probes need a model softwatch runs itself (engine: softwatch)")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("probe", done))
+        scores = await asyncio.wrap_future(done)
+        return {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "scores": scores}
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -255,6 +273,9 @@ class LLMServer:
             self._finish(c, callers, prompts)
 
     def _command(self, command: tuple, callers: dict, prompts: dict) -> None:
+        if command[0] == "probe":
+            _score_probes(self.lm, command[1])
+            return
         if command[0] == "cancel":
             _, rid, reason = command
             c = self.engine.cancel(rid, reason)
@@ -376,6 +397,15 @@ class _Choice:
     @property
     def fault(self) -> str | None:
         return self.spec.get("fault")
+
+
+def _score_probes(lm, done: concurrent.futures.Future) -> None:
+    from ..drift.probes import builtin_probes, score_twice
+
+    try:
+        done.set_result(score_twice(lm, builtin_probes()))
+    except Exception as exc:  # noqa: BLE001 - the caller's failure, not the decode loop's
+        done.set_exception(exc)
 
 
 def params_source(params: DecodingParams, defaults: DecodingParams) -> str:
