@@ -142,3 +142,20 @@ def test_the_monitor_reports_a_finish_mix_and_length_change_between_regimes(tmp_
     assert regime[("generated_length", "cvm")]["verdict"] == "drift"
     assert regime[("repetition", "ks")]["verdict"] == "no_drift"
     assert {r["unit"] for r in regime.values()} == {"prompt"}
+
+
+def test_the_counts_path_for_few_distinct_values_equals_the_per_sequence_path(monkeypatch):
+    g = np.random.default_rng(4)
+    cases = [((g.random(180) < 0.6) * 1.0, (g.random(140) < 0.5) * 1.0),  # an indicator
+             (g.integers(0, 3, 150) * 1.0, g.integers(0, 3, 170) * 1.0),  # three categories
+             (np.zeros(120), np.zeros(90))]  # a constant
+    for x, y in cases:
+        clusters = (twosample.prompt_clusters(np.array([str(i % 17) for i in range(len(x))], object), len(x)),
+                    twosample.prompt_clusters(np.array([str(i % 13) for i in range(len(y))], object), len(y)))
+        for grouping in (None, clusters):
+            counted = twosample.permutation_null(x, y, 300, 3, grouping)
+            monkeypatch.setattr(twosample, "GROUPED_CELLS", 0)  # force the per-sequence path
+            general = twosample.permutation_null(x, y, 300, 3, grouping)
+            monkeypatch.undo()
+            for name in general:
+                np.testing.assert_allclose(counted[name], general[name], rtol=1e-9, atol=1e-12, err_msg=name)

@@ -39,6 +39,7 @@ TESTS = ("ks", "cvm")
 MAX_PERMUTATIONS = 100_000
 P_RESOLUTION = 0.5  # the smallest attainable Holm-adjusted p as a share of alpha
 CHUNK_CELLS = 2_000_000  # permutations x sequences evaluated at once (16 MB per float array)
+GROUPED_CELLS = 2  # distinct values x clusters per sequence below which the counts path is used
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,12 @@ def ecdf_gaps(pooled_sorted_labels: np.ndarray, tie_ends: np.ndarray, n, m) -> n
 
     Labels are given in the order of the sorted pooled sample; at tied values both ECDFs are
     read at the end of the tie group, so ties count the way scipy counts them."""
-    current = np.cumsum(pooled_sorted_labels, axis=-1)
-    baseline = np.arange(1, pooled_sorted_labels.shape[-1] + 1) - current
-    gaps = baseline / n - current / m
+    # baseline / n - current / m with baseline = position - current, in place on one array
+    gaps = np.cumsum(pooled_sorted_labels, axis=-1, dtype=np.float64)
+    gaps *= -(1 / np.asarray(n, np.float64) + 1 / np.asarray(m, np.float64))
+    gaps += np.arange(1, pooled_sorted_labels.shape[-1] + 1) / np.asarray(n, np.float64)
+    if len(tie_ends) and tie_ends[-1] == len(tie_ends) - 1 and np.all(tie_ends[:-1] < tie_ends[1:]):
+        return gaps  # no ties: every point is its own group end
     return gaps[..., tie_ends]
 
 
@@ -100,6 +104,9 @@ def permutation_null(x: np.ndarray, y: np.ndarray, permutations: int, seed: int 
     cx, cy = clusters if clusters is not None else (np.arange(len(x)), np.arange(len(y)))
     kx, ky = int(cx.max()) + 1, int(cy.max()) + 1
     pooled = np.concatenate([x, y])
+    values, group = np.unique(pooled, return_inverse=True)
+    if len(values) * (kx + ky) <= GROUPED_CELLS * len(pooled):
+        return _grouped_null(values, group, np.r_[cx, cy + kx], kx, ky, permutations, seed)
     order = np.argsort(pooled, kind="stable")
     sorted_values = pooled[order]
     # index of the last member of each tie group, repeated for every member
@@ -114,6 +121,47 @@ def permutation_null(x: np.ndarray, y: np.ndarray, permutations: int, seed: int 
         splits = rng.permuted(np.tile(observed, (min(rows, permutations - start), 1)), axis=1)
         parts.append(_split_statistics(splits[:, cluster_of], sorted_values, tie_ends))
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _grouped_null(values: np.ndarray, group: np.ndarray, cluster: np.ndarray, kx: int, ky: int, permutations: int,
+                  seed: int) -> dict[str, np.ndarray]:
+    """`permutation_null` for a sample of few distinct values (an indicator, a constant): every
+    statistic is a function of how many sequences of each value each side holds, and a split's
+    counts are its clusters' (a [splits, clusters] @ [clusters, values] product), so no
+    per-sequence array is built. The same splits, in the same order, as the general path."""
+    counts = np.zeros((kx + ky, len(values)))
+    np.add.at(counts, (cluster, group), 1.0)
+    observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
+    rng = np.random.default_rng(seed)
+    rows = max(1, CHUNK_CELLS // (kx + ky))
+    parts = [_count_statistics(observed[None, :].astype(float) @ counts, counts.sum(axis=0), values)]
+    for start in range(0, permutations, rows):
+        splits = rng.permuted(np.tile(observed, (min(rows, permutations - start), 1)), axis=1)
+        parts.append(_count_statistics(splits.astype(float) @ counts, counts.sum(axis=0), values))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _count_statistics(current: np.ndarray, total: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+    """KS, CvM and normalized W1 from each split's current count of every distinct value
+    ([splits, values], values ascending; `total` the pooled counts): `_split_statistics` with
+    each tie group's gap counted once per member."""
+    baseline = total - current
+    m = current.sum(axis=1)
+    n = baseline.sum(axis=1)
+    gaps = np.cumsum(baseline, axis=1) / n[:, None] - np.cumsum(current, axis=1) / m[:, None]
+    w1 = np.abs(gaps[:, :-1]) @ np.diff(values)
+    centered = values - (total @ values) / total.sum()
+    mean = baseline @ centered / n
+    spread = float(np.abs(centered).max())
+    scale = np.sqrt(np.maximum(baseline @ centered**2 / n - mean**2, 0.0))
+    scale[scale <= 1e-9 * spread] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        effect = np.where(scale > 0, w1 / scale, np.where(w1 > 1e-12 * max(spread, 1.0), np.inf, 0.0))
+    return {
+        "ks": np.abs(gaps).max(axis=1),
+        "cvm": n * m / (n + m) ** 2 * ((gaps**2) @ total),
+        "effect": effect,
+    }
 
 
 def _split_statistics(labels: np.ndarray, sorted_values: np.ndarray, tie_ends: np.ndarray) -> dict[str, np.ndarray]:
