@@ -137,3 +137,22 @@ def test_a_pinned_baseline_from_the_command_line_and_bad_pins(tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(FilterError, match="pin: since"):
         MonitorConfig(pin="since=2026-11-01")
+
+
+def test_the_drift_monitor_service_takes_a_pin_in_its_user_config(tmp_path):
+    from softwatch.serve.monitor import DriftMonitor
+
+    g = np.random.default_rng(4)
+    write(tmp_path, rows(200, "A", START, g, model_rev="good"), rows(200, "B", START + timedelta(hours=1), g),
+          rows(200, "C", START + timedelta(hours=2), g))
+    monitor = DriftMonitor({"data": str(tmp_path)})
+    monitor._stopping = True  # runs only when this test asks
+    monitor._wake.set()
+    monitor._thread.join(timeout=60)
+    with pytest.raises(ValueError, match="pin: replica cannot select a regime"):
+        monitor.reconfigure({"pin": "replica=x"})
+    monitor.reconfigure({"pin": "model_rev=good", "window": 50, "permutations": 999})
+    report_id = monitor.run_once(force=True)["report_id"]
+    rows_ = Store(str(tmp_path)).rows("SELECT DISTINCT baseline_regime, current_regime FROM drift_reports "
+                                      "WHERE report_id = ? AND kind = 'regime'", [report_id])
+    assert rows_ == [{"baseline_regime": "m@good/A", "current_regime": "m@r1/C"}]
