@@ -198,7 +198,8 @@ class RegimeIndex:
         last = t["last_us"].to_numpy(zero_copy_only=False)[mask]
         if since_us is not None:
             after = last > since_us
-            files, counts, first, last = files[after], np.where(first > since_us, counts, 0)[after], first[after], last[after]
+            counts = np.where(first > since_us, counts, 0)[after]
+            files, first, last = files[after], first[after], last[after]
         if not len(files):
             return [], None
         if end == "first":

@@ -39,7 +39,7 @@ from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
 from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
 from .online import CUSUM, PoissonCUSUM
-from .regimes import PIN_KEYS, Segment
+from .regimes import PIN_KEYS, Plan, Segment
 from .regimes import plan as plan_comparisons
 from .twosample import TESTS, TestResult, compare, permutations_for
 
@@ -294,7 +294,7 @@ class Monitor:
         self._publish(report)
         return report
 
-    def plan(self):
+    def plan(self) -> Plan:
         """Which regimes this run compares (regimes.py); PinError when the pin selects none."""
         config = self.config
         return plan_comparisons(self.regimes(), config.ended_after_s, config.override_regimes,
@@ -349,7 +349,8 @@ class Monitor:
             "ORDER BY ts DESC LIMIT 1", [model_id, model_rev])
         with ParquetSink(self.root, writer=f"probe-{report.report_id}", journal=None) as sink:
             sink.write("probes", pa.Table.from_pylist(rows, schema=PROBES))
-        for before in (other if against_other else []) + own:  # none: the first run of the first model is the baseline of later ones
+        # none of either: the first revision scored, the baseline of later ones
+        for before in (other if against_other else []) + own:
             self._probe_rows(report, before, probes, scores[0], f"{model_id}@{model_rev}")
         if report.rows:
             self._publish(report)
