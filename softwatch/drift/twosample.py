@@ -79,9 +79,10 @@ def ecdf_gaps(pooled_sorted_labels: np.ndarray, tie_ends: np.ndarray, n, m) -> n
 
     Labels are given in the order of the sorted pooled sample; at tied values both ECDFs are
     read at the end of the tie group, so ties count the way scipy counts them."""
-    # baseline / n - current / m with baseline = position - current, in place on one array
-    gaps = np.cumsum(pooled_sorted_labels, axis=-1, dtype=np.float64)
-    gaps *= -(1 / np.asarray(n, np.float64) + 1 / np.asarray(m, np.float64))
+    # baseline / n - current / m with baseline = position - current (an integer running count
+    # first: a float cumulative sum costs several times as much)
+    gaps = np.cumsum(pooled_sorted_labels, axis=-1, dtype=np.int32) * -(1 / np.asarray(n, np.float64)
+                                                                        + 1 / np.asarray(m, np.float64))
     gaps += np.arange(1, pooled_sorted_labels.shape[-1] + 1) / np.asarray(n, np.float64)
     if len(tie_ends) and tie_ends[-1] == len(tie_ends) - 1 and np.all(tie_ends[:-1] < tie_ends[1:]):
         return gaps  # no ties: every point is its own group end
@@ -113,13 +114,18 @@ def permutation_null(x: np.ndarray, y: np.ndarray, permutations: int, seed: int 
     last = np.r_[np.flatnonzero(np.diff(sorted_values) != 0), len(pooled) - 1]
     tie_ends = np.repeat(last, np.diff(np.r_[-1, last]))
     cluster_of = np.r_[cx, cy + kx][order]
+    # per cluster: sequences, and sums of the centered values and their squares (a split's side
+    # moments are a [splits, clusters] product, not a pass over every sequence)
+    centered = sorted_values - sorted_values.mean()
+    moments = np.zeros((kx + ky, 3))
+    np.add.at(moments, cluster_of, np.c_[np.ones(len(pooled)), centered, centered**2])
     observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
     rng = np.random.default_rng(seed)
     rows = max(1, CHUNK_CELLS // len(pooled))
-    parts = [_split_statistics(observed[None, cluster_of], sorted_values, tie_ends)]
+    parts = [_split_statistics(observed[None, :], cluster_of, sorted_values, tie_ends, moments)]
     for start in range(0, permutations, rows):
         splits = rng.permuted(np.tile(observed, (min(rows, permutations - start), 1)), axis=1)
-        parts.append(_split_statistics(splits[:, cluster_of], sorted_values, tie_ends))
+        parts.append(_split_statistics(splits, cluster_of, sorted_values, tie_ends, moments))
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
@@ -151,12 +157,7 @@ def _count_statistics(current: np.ndarray, total: np.ndarray, values: np.ndarray
     gaps = np.cumsum(baseline, axis=1) / n[:, None] - np.cumsum(current, axis=1) / m[:, None]
     w1 = np.abs(gaps[:, :-1]) @ np.diff(values)
     centered = values - (total @ values) / total.sum()
-    mean = baseline @ centered / n
-    spread = float(np.abs(centered).max())
-    scale = np.sqrt(np.maximum(baseline @ centered**2 / n - mean**2, 0.0))
-    scale[scale <= 1e-9 * spread] = 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        effect = np.where(scale > 0, w1 / scale, np.where(w1 > 1e-12 * max(spread, 1.0), np.inf, 0.0))
+    effect = _effect(w1, n, baseline @ centered, baseline @ centered**2, float(np.abs(centered).max()))
     return {
         "ks": np.abs(gaps).max(axis=1),
         "cvm": n * m / (n + m) ** 2 * ((gaps**2) @ total),
@@ -164,23 +165,34 @@ def _count_statistics(current: np.ndarray, total: np.ndarray, values: np.ndarray
     }
 
 
-def _split_statistics(labels: np.ndarray, sorted_values: np.ndarray, tie_ends: np.ndarray) -> dict[str, np.ndarray]:
-    """KS, CvM and normalized W1 for each row of labels (True = current) over the sorted pooled sample."""
-    m = labels.sum(axis=1)
-    n = labels.shape[1] - m
-    gaps = ecdf_gaps(labels, tie_ends, n[:, None], m[:, None])
-    w1 = np.abs(gaps[:, :-1]) @ np.diff(sorted_values)
-    centered = sorted_values - sorted_values.mean()
-    baseline = ~labels
-    mean = baseline @ centered / n
-    spread = float(np.abs(centered).max())
-    scale = np.sqrt(np.maximum(baseline @ centered**2 / n - mean**2, 0.0))
+def _effect(w1: np.ndarray, n: np.ndarray, baseline_sum: np.ndarray, baseline_squares: np.ndarray,
+            spread: float) -> np.ndarray:
+    """W1 over the baseline's standard deviation, from the baseline's sums of the centered
+    values and their squares; inf for a constant baseline the current differs from."""
+    mean = baseline_sum / n
+    scale = np.sqrt(np.maximum(baseline_squares / n - mean**2, 0.0))
     scale[scale <= 1e-9 * spread] = 0.0  # a constant baseline, up to rounding
     with np.errstate(divide="ignore", invalid="ignore"):
-        effect = np.where(scale > 0, w1 / scale, np.where(w1 > 1e-12 * max(spread, 1.0), np.inf, 0.0))
+        return np.where(scale > 0, w1 / scale, np.where(w1 > 1e-12 * max(spread, 1.0), np.inf, 0.0))
+
+
+def _split_statistics(splits: np.ndarray, cluster_of: np.ndarray, sorted_values: np.ndarray, tie_ends: np.ndarray,
+                      moments: np.ndarray) -> dict[str, np.ndarray]:
+    """KS, CvM and normalized W1 for each row of cluster labels (True = current) over the
+    sorted pooled sample, whose sequences belong to clusters `cluster_of`; `moments` are the
+    clusters' sequence counts and sums of centered values and their squares."""
+    current = splits.astype(np.float64) @ moments
+    m = current[:, 0]
+    n = len(cluster_of) - m
+    gaps = ecdf_gaps(splits[:, cluster_of], tie_ends, n[:, None], m[:, None])
+    absolute = np.abs(gaps)
+    w1 = absolute[:, :-1] @ np.diff(sorted_values)
+    total = moments.sum(axis=0)
+    centered_spread = float(np.abs(sorted_values - sorted_values.mean()).max())
+    effect = _effect(w1, n, total[1] - current[:, 1], total[2] - current[:, 2], centered_spread)
     return {
-        "ks": np.abs(gaps).max(axis=1),
-        "cvm": n * m / (n + m) ** 2 * (gaps**2).sum(axis=1),  # Anderson's form; equals scipy's rank formula
+        "ks": absolute.max(axis=1),
+        "cvm": n * m / (n + m) ** 2 * np.einsum("ij,ij->i", gaps, gaps),  # Anderson's form; equals scipy's rank formula
         "effect": effect,
     }
 
