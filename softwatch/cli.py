@@ -725,7 +725,7 @@ def _serve(args) -> int:
     import signal
     import time
 
-    from .serve.app import args_from_config, run
+    from .serve.app import APP_NAME, args_from_config, run
     from .store import default_root
 
     app_args, http = args_from_config(args.config) if args.config else ({}, {})
@@ -778,7 +778,9 @@ def _serve(args) -> int:
     finally:
         print("softwatch serve: shutting down (finishing in-flight requests, flushing records)", file=sys.stderr,
               flush=True)
-        serve.shutdown()
+        # deleting only our app drains its replicas and leaves Serve to any other app of a shared
+        # cluster; stopping the controller while its actors wind down makes the raylet print errors
+        serve.delete(APP_NAME)
         ray.shutdown()
         if key_dir is not None:
             key_dir.cleanup()
