@@ -30,6 +30,7 @@ p-value, tests / (permutations + 1), is at most half of alpha.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -120,13 +121,23 @@ def permutation_null(x: np.ndarray, y: np.ndarray, permutations: int, seed: int 
     moments = np.zeros((kx + ky, 3))
     np.add.at(moments, cluster_of, np.c_[np.ones(len(pooled)), centered, centered**2])
     observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
-    rng = np.random.default_rng(seed)
+    every = random_splits(kx, ky, permutations, seed)
     rows = max(1, CHUNK_CELLS // len(pooled))
     parts = [_split_statistics(observed[None, :], cluster_of, sorted_values, tie_ends, moments)]
     for start in range(0, permutations, rows):
-        splits = rng.permuted(np.tile(observed, (min(rows, permutations - start), 1)), axis=1)
-        parts.append(_split_statistics(splits, cluster_of, sorted_values, tie_ends, moments))
+        parts.append(_split_statistics(every[start:start + rows], cluster_of, sorted_values, tie_ends, moments))
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+@functools.lru_cache(maxsize=4)
+def random_splits(kx: int, ky: int, permutations: int, seed: int) -> np.ndarray:
+    """[permutations, kx + ky] random deals of the clusters (True = current side), read-only:
+    the same for every metric of a comparison whose sides have these cluster counts, so they
+    are drawn once (a comparison's metrics share one set of relabelings)."""
+    observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
+    splits = np.random.default_rng(seed).permuted(np.tile(observed, (permutations, 1)), axis=1)
+    splits.flags.writeable = False
+    return splits
 
 
 def _grouped_null(values: np.ndarray, group: np.ndarray, cluster: np.ndarray, kx: int, ky: int, permutations: int,
@@ -138,11 +149,11 @@ def _grouped_null(values: np.ndarray, group: np.ndarray, cluster: np.ndarray, kx
     counts = np.zeros((kx + ky, len(values)))
     np.add.at(counts, (cluster, group), 1.0)
     observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
-    rng = np.random.default_rng(seed)
+    every = random_splits(kx, ky, permutations, seed)
     rows = max(1, CHUNK_CELLS // (kx + ky))
     parts = [_count_statistics(observed[None, :].astype(float) @ counts, counts.sum(axis=0), values)]
     for start in range(0, permutations, rows):
-        splits = rng.permuted(np.tile(observed, (min(rows, permutations - start), 1)), axis=1)
+        splits = every[start:start + rows]
         parts.append(_count_statistics(splits.astype(float) @ counts, counts.sum(axis=0), values))
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
