@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(drift)
     drift.add_argument("--baseline", default=None, help="key=value[,key=value...] over regime columns and since/until")
     drift.add_argument("--current", default=None, help="same form as --baseline")
+    drift.add_argument("--pin", default=None, help="key=value[,...] over model_id, model_rev, params_id, temperature, "
+                       "top_p, top_k: the baseline regime every newer one is compared with (e.g. a known-good "
+                       "model_rev=...)")
     drift.add_argument("--json", action="store_true")
 
     rep = sub.add_parser("report", help="write the HTML drift report (self-contained: opens with no network)")
@@ -630,16 +633,26 @@ def _compact(args) -> int:
 
 
 def _drift(args) -> int:
-    from .drift.monitor import Filter, Monitor
+    from .drift.monitor import Filter, FilterError, Monitor, MonitorConfig
+    from .drift.regimes import PinError
     from .store import default_root
 
-    monitor = Monitor(args.data or default_root())
+    try:
+        config = MonitorConfig(pin=args.pin)
+    except FilterError as exc:
+        raise ValueError(f"--pin: {exc}") from None
+    if args.pin and (args.baseline or args.current):
+        raise ValueError("--pin: give either --pin or --baseline/--current")
+    monitor = Monitor(args.data or default_root(), config)
     if args.baseline or args.current:
         if not (args.baseline and args.current):
             raise ValueError("give both --baseline and --current, or neither (newest regime vs the one before)")
         report = monitor.compare(Filter.parse(args.baseline), Filter.parse(args.current))
     else:
-        report = monitor.run()
+        try:
+            report = monitor.run()
+        except PinError as exc:
+            raise ValueError(f"--pin: {exc}") from None
     return _print_report(report, args.json, "no sequences to compare yet")
 
 

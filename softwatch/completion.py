@@ -113,6 +113,20 @@ def prompt_key(token_ids: list[int]) -> str:
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
+REPETITION_N = 4
+
+
+def repetition(token_ids: list[int], n: int = REPETITION_N) -> float | None:
+    """The share of a sequence's token n-grams that repeat an earlier n-gram of the same
+    sequence, 1 − distinct / total (Welleck et al.'s seq-rep-n): 0 for text that never repeats
+    itself, near 1 for a degenerate loop. None when the sequence has fewer than `n` tokens."""
+    total = len(token_ids) - n + 1
+    if total < 1:
+        return None
+    distinct = len(set(zip(*(token_ids[i:] for i in range(n)))))
+    return 1.0 - distinct / total
+
+
 @dataclass
 class Completion:
     """One finished request: what was generated, its per-token statistics and its regime."""
@@ -124,7 +138,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "error"
     stats: torch.Tensor | None  # [generated, len(FIELDS)] float32 on the host; None uninstrumented
     summary: dict
-    regime: dict
+    regime: dict  # DecodingParams.regime; a serving replica adds "params_source" (deployment | request)
     created: float  # wall-clock time of submission
     ttft_s: float
     latency_s: float

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from .completion import Completion
+from .completion import Completion, repetition
 from .stats import FIELDS
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -60,6 +60,7 @@ SEQUENCES = pa.schema(
         pa.field("prompt_key", pa.string()),  # completion.prompt_key; null when the producer set none
         pa.field("generated_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
+        pa.field("repetition", pa.float64()),  # completion.repetition of the generated token ids; null if too short
         pa.field("ttft_s", pa.float64()),
         pa.field("latency_s", pa.float64()),
         *[pa.field(name, pa.float64()) for name in SUMMARY_FIELDS],
@@ -69,6 +70,9 @@ SEQUENCES = pa.schema(
         pa.field("prompt", pa.string()),  # null unless text storage is on
         pa.field("text", pa.string()),
         *REGIME,
+        # "deployment": decoded with the deployment's default parameters; "request": a client's
+        # own temperature/top_p/top_k gave another params_id; null: the producer cannot tell
+        pa.field("params_source", pa.string()),
     ]
 )
 
@@ -187,6 +191,7 @@ def sequence_row(c: Completion, context: RecordContext, tokens_kept: bool, promp
         "prompt_key": c.prompt_key,
         "generated_tokens": len(c.token_ids),
         "finish_reason": c.finish_reason,
+        "repetition": repetition(c.token_ids),
         "ttft_s": c.ttft_s,
         "latency_s": c.latency_s,
         **{name: s.get(name) for name in SUMMARY_FIELDS},
@@ -197,6 +202,7 @@ def sequence_row(c: Completion, context: RecordContext, tokens_kept: bool, promp
         "text": c.text if context.store_text else None,
     }
     row.update(zip(REGIME_COLUMNS, _regime_values(c, context)))
+    row["params_source"] = c.regime.get("params_source")
     return row
 
 

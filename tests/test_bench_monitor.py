@@ -15,7 +15,7 @@ def test_bench_monitor_measures_a_run_over_the_requested_store(tmp_path, capsys)
     assert 0 < result["run_s"] < 120 and 0 < result["first_run_s"] < 300
     assert 50 < result["peak_rss_mb"] < 8192 and 50 < result["first_peak_rss_mb"] < 8192
     assert result["report_rows"] > 0 and result["verdict"] in ("drift", "no_drift", "insufficient_data")
-    assert list(tmp_path.glob("sequences-20000-v1/complete.json"))  # cached for the next run
+    assert list(tmp_path.glob("sequences-20000-v2/complete.json"))  # cached for the next run
     assert not list(tmp_path.glob("softwatch-bench-monitor-*"))  # the scratch root is gone
 
 

@@ -314,6 +314,12 @@ def test_concurrent_clients_each_get_one_sequence_row_and_config_push_changes_pa
     after = [one(i) for i in range(4)]
     new_params = {p for _, _, p in after}
     assert len(new_params) == 1 and new_params != old_params
+    # a client's own temperature is a request override; the deployment's own value is not one
+    sources = {}
+    for temperature, expected in ((0.3, "request"), (1.0, "deployment")):
+        r = client.completions.create(model=model, prompt="own", max_tokens=4, temperature=temperature)
+        assert r.model_extra["softwatch"]["regime"]["params_source"] == expected
+        sources[r.model_extra["softwatch"]["request_ids"][0]] = expected
 
     answered = before + after
     ids = [rid for rid, _, _ in answered]
@@ -328,6 +334,11 @@ def test_concurrent_clients_each_get_one_sequence_row_and_config_push_changes_pa
         assert recorded[rid]["params_id"] == params_id and recorded[rid]["generated_tokens"] == generated, rid
     assert {recorded[rid]["temperature"] for rid, _, _ in after} == {1.0}
     assert {recorded[rid]["temperature"] for rid, _, _ in before} == {DEFAULTS["temperature"]}
+    wait_for_records(service["data"], list(sources), timeout_s=60)
+    recorded_sources = store.rows("SELECT request_id, params_source FROM sequences WHERE request_id IN (?, ?) OR "
+                                  f"request_id IN ({', '.join('?' * len(ids))})", [*sources, *ids])
+    assert {r["request_id"]: r["params_source"] for r in recorded_sources} == \
+        {**sources, **{rid: "deployment" for rid in ids}}
     assert store.rows("SELECT count(*) AS n FROM tokens")[0]["n"] == \
         store.rows("SELECT sum(generated_tokens)::BIGINT AS n FROM sequences")[0]["n"]
     ids = {r["request_id"] for r in store.rows("SELECT request_id FROM sequences")}

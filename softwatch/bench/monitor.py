@@ -34,7 +34,7 @@ FILE_ROWS = 250_000
 PROMPTS = 50_000
 START_US = 1_795_046_400_000_000  # 2026-11-18 00:00 UTC
 DAY_US = 86_400_000_000
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"
 
 
 def cache_dir() -> Path:
@@ -163,6 +163,7 @@ def _rows(index: np.ndarray, total: int, replica: int, pool: pa.Array, rng: np.r
         "request_id": ids, "prompt_tokens": pa.array(rng.integers(16, 2048, n).astype(np.int32)),
         "prompt_key": keys, "generated_tokens": pa.array(tokens),
         "finish_reason": pa.array(np.where(rng.random(n) < 0.8, "stop", "length")),
+        "repetition": pa.array(rng.beta(1, 12, n)),
         "ttft_s": pa.array(rng.gamma(2, 0.03, n)), "latency_s": pa.array(tokens * 0.02 + rng.gamma(2, 0.05, n)),
         "perplexity": pa.array(np.exp(entropy * 0.8 + rng.normal(0, 0.1, n))),
         "sampling_perplexity": pa.array(np.exp(entropy * 0.7)),
@@ -177,6 +178,7 @@ def _rows(index: np.ndarray, total: int, replica: int, pool: pa.Array, rng: np.r
         "temperature": pa.array(temperature), "top_p": pa.array(np.full(n, 0.95)),
         "top_k": pa.array(np.zeros(n, np.int32)), "template_version": pa.array(["v1"] * n),
         "deployment": pa.array(["bench"] * n), "replica": pa.array([f"bench-{replica}"] * n),
+        "params_source": pa.array(["deployment"] * n),
     }
     return pa.Table.from_pydict(columns, schema=SEQUENCES)
 

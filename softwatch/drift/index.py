@@ -4,7 +4,9 @@ with their counts and first and last timestamps. Kept in the data root
 reading only the files added since the last one, so a run never scans the whole history
 to find its regimes. Files that disappeared (merged by compaction) drop out; the file that
 merged them comes in as a new file whose sources (its `softwatch.sources` metadata) were
-seen already.
+seen already. Regimes are counted apart by `params_source`: the deployment's own decoding
+parameters, and a client's per-request overrides (a null source, in files written before the
+column, counts as the deployment's).
 
 The index also says which files of a regime can hold its first or last N sequences
 (`files_for`), so the samples a run compares are read from a few files with
@@ -31,8 +33,8 @@ log = logging.getLogger("softwatch.drift")
 
 INDEX_DIR = "_monitor"
 INDEX_FILE = "regimes.parquet"
-INDEX_VERSION = "1"
-REGIME_IDENTITY = ("model_id", "model_rev", "params_id")
+INDEX_VERSION = "2"
+REGIME_IDENTITY = ("model_id", "model_rev", "params_id", "params_source")
 PARAMS = ("temperature", "top_p", "top_k")
 
 INDEX = pa.schema([
@@ -40,6 +42,7 @@ INDEX = pa.schema([
     pa.field("model_id", pa.string()),
     pa.field("model_rev", pa.string()),
     pa.field("params_id", pa.string()),
+    pa.field("params_source", pa.string()),  # "deployment" (also for rows without one) | "request"
     pa.field("temperature", pa.float64()),
     pa.field("top_p", pa.float64()),
     pa.field("top_k", pa.int32()),
@@ -49,8 +52,9 @@ INDEX = pa.schema([
 ])
 
 AGGREGATE = (
-    "SELECT model_id, model_rev, params_id, any_value(temperature) AS temperature, any_value(top_p) AS top_p, "
-    "any_value(top_k) AS top_k, count(*) AS sequences, min(epoch_us(ts)) AS first_us, max(epoch_us(ts)) AS last_us "
+    "SELECT model_id, model_rev, params_id, coalesce(params_source, 'deployment') AS params_source, "
+    "any_value(temperature) AS temperature, any_value(top_p) AS top_p, any_value(top_k) AS top_k, "
+    "count(*) AS sequences, min(epoch_us(ts)) AS first_us, max(epoch_us(ts)) AS last_us "
     "FROM part WHERE generated_tokens > 0 GROUP BY ALL")
 
 
@@ -157,27 +161,32 @@ class RegimeIndex:
 
     # ---- reading it ---------------------------------------------------------------------------
     def regimes(self) -> list[dict]:
-        """Regimes in order of first appearance, with their sequence counts and time range."""
+        """Regimes in order of first appearance, with their sequence counts and time range
+        (`first_ts`/`last_ts`, and as epoch µs `first_us`/`last_us`)."""
         if self.table.num_rows == 0:
             return []
         self.con.register("regime_index", self.table)
         try:
             rows = self.con.sql(
-                "SELECT model_id, model_rev, params_id, any_value(temperature) AS temperature, "
+                "SELECT model_id, model_rev, params_id, params_source, any_value(temperature) AS temperature, "
                 "any_value(top_p) AS top_p, any_value(top_k) AS top_k, sum(sequences)::BIGINT AS sequences, "
-                "make_timestamptz(min(first_us)) AS first_ts, make_timestamptz(max(last_us)) AS last_ts "
-                "FROM regime_index WHERE sequences > 0 GROUP BY ALL ORDER BY min(first_us), model_id, model_rev, "
-                "params_id").to_arrow_table().to_pylist()
+                "make_timestamptz(min(first_us)) AS first_ts, make_timestamptz(max(last_us)) AS last_ts, "
+                "min(first_us) AS first_us, max(last_us) AS last_us "
+                "FROM regime_index WHERE sequences > 0 GROUP BY model_id, model_rev, params_id, params_source "
+                "ORDER BY min(first_us), model_id, model_rev, params_id, params_source").to_arrow_table().to_pylist()
         finally:
             self.con.unregister("regime_index")
         return rows
 
-    def files_for(self, regime: dict, end: str, n: int) -> tuple[list[str], int | None]:
+    def files_for(self, regime: dict, end: str, n: int, since_us: int | None = None) -> tuple[list[str], int | None]:
         """The files that hold the regime's first (`end="first"`) or last (`"last"`) `n`
         sequences, and a timestamp bound (µs) those sequences lie within: the n-th sequence
         from that end is no later (first) or no earlier (last) than the bound. Files overlap
         in time, so the bound comes from whole files: the earliest last_ts by which n
-        sequences have certainly appeared (or the latest first_ts after which they have)."""
+        sequences have certainly appeared (or the latest first_ts after which they have).
+        With `since_us`, only the sequences after it count (a regime's live segment): files
+        that end before it are left out, and those that straddle it are read but not counted
+        on to hold any of the n."""
         t = self.table
         mask = np.ones(t.num_rows, bool)
         for key in REGIME_IDENTITY:
@@ -187,6 +196,10 @@ class RegimeIndex:
         counts = t["sequences"].to_numpy(zero_copy_only=False)[mask]
         first = t["first_us"].to_numpy(zero_copy_only=False)[mask]
         last = t["last_us"].to_numpy(zero_copy_only=False)[mask]
+        if since_us is not None:
+            after = last > since_us
+            counts = np.where(first > since_us, counts, 0)[after]
+            files, first, last = files[after], first[after], last[after]
         if not len(files):
             return [], None
         if end == "first":

@@ -1,11 +1,14 @@
 """The drift monitor: reads sequences from the store, compares regimes and time windows,
 runs the online detectors, writes `drift_reports` rows and sets the drift gauges.
 
-Comparisons it makes on every run:
-- `regime`: the newest regime (model × revision × decoding parameters, by first appearance)
-  against the one before it, once both have `min_sequences` sequences;
-- `window`: inside the newest regime, its most recent `window` sequences against its first
-  `window` (traffic shift, or a silent numerics change under unchanged labels);
+Comparisons it makes on every run (which regimes: regimes.py):
+- `regime`: the newest segment of the deployment's regimes (model × revision × decoding
+  parameters; a rollback starts a new segment of the regime it returns to) against the regime
+  live before it, or against the pinned baseline (`pin`), once both have `min_sequences`
+  sequences;
+- `window`: inside the newest segment, its most recent `window` sequences against its first
+  `window` (traffic shift, or a silent numerics change under unchanged labels); the same for
+  each of the `override_regimes` largest regimes of per-request parameter overrides;
 - `online`: a calibrated CUSUM per metric (a Poisson CUSUM for the rare counts) over the
   newest regime, its reference being the regime's first `window` sequences (after an alarm,
   the `window` sequences after it). The detectors' state is kept in the data root between
@@ -36,10 +39,12 @@ from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
 from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
 from .online import CUSUM, PoissonCUSUM
+from .regimes import PIN_KEYS, Plan, Segment
+from .regimes import plan as plan_comparisons
 from .twosample import TESTS, TestResult, compare, permutations_for
 
-# sequence-level metric -> its SQL over the `sequences` view
-METRICS = {
+# sequence-level metric -> its SQL over the `sequences` view: the token statistics' summaries
+STATISTIC_METRICS = {
     "mean_entropy": "mean_entropy",
     "log_perplexity": "ln(perplexity)",
     "mean_top_prob": "mean_top_prob",
@@ -48,10 +53,22 @@ METRICS = {
     "overflow_rate": "overflow / greatest(generated_tokens, 1)",
     "nonfinite_rate": "nonfinite / greatest(generated_tokens, 1)",
 }
+# ... and how long a sequence is and how it ended: the other statistics' means depend on the
+# length, which `max_tokens` (not part of params_id) and the finish mix set. The finish-reason
+# mix is tested as two per-sequence indicators (the rest is "other"); under the cluster
+# permutation KS on an indicator is the exact two-proportion test for repeated prompts.
+LENGTH_METRICS = {
+    "generated_length": "generated_tokens::DOUBLE",
+    "finish_length": "(finish_reason = 'length')::DOUBLE",
+    "finish_stop": "(finish_reason = 'stop')::DOUBLE",
+    "repetition": "repetition",  # null in files written before the column: not tested there
+}
+METRICS = {**STATISTIC_METRICS, **LENGTH_METRICS}
+ONLINE_METRICS = tuple(STATISTIC_METRICS)  # the CUSUMs watch the statistics, not the discrete length metrics
 COUNT_METRICS = {"overflow_rate": "overflow", "nonfinite_rate": "nonfinite"}
 REGIME_IDENTITY = ("model_id", "model_rev", "params_id")
 log = logging.getLogger("softwatch.drift")
-FILTER_KEYS = (*REGIME_COLUMNS, "since", "until")
+FILTER_KEYS = (*REGIME_COLUMNS, "params_source", "since", "until")
 
 
 class FilterError(ValueError):
@@ -94,6 +111,8 @@ class Filter:
                 clauses.append(f"{key} = ?::DOUBLE")
             elif key == "top_k":
                 clauses.append(f"{key} = ?::INTEGER")
+            elif key == "params_source":  # rows written before the column are the deployment's
+                clauses.append("coalesce(params_source, 'deployment') = ?")
             else:
                 clauses.append(f"{key} = ?")
             params.append(value)
@@ -101,6 +120,26 @@ class Filter:
 
     def __bool__(self) -> bool:
         return bool(self.terms)
+
+
+def parse_pin(text: str | None) -> Filter:
+    """A baseline pin: `key=value` terms over the regime columns of the index (PIN_KEYS).
+    FilterError, naming `pin`, for anything else."""
+    try:
+        pin = Filter.parse(text)
+    except FilterError as exc:
+        raise FilterError(f"pin: {exc}") from None
+    bad = [key for key, _ in pin.terms if key not in PIN_KEYS]
+    if bad:
+        raise FilterError(f"pin: {', '.join(bad)} cannot select a regime; use key=value with key one of "
+                          f"{', '.join(PIN_KEYS)}")
+    for key, value in pin.terms:
+        if key in ("temperature", "top_p", "top_k"):
+            try:
+                float(value) if key != "top_k" else int(value)
+            except ValueError:
+                raise FilterError(f"pin: {key}={value!r} is not a number") from None
+    return pin
 
 
 @dataclass(frozen=True)
@@ -112,9 +151,17 @@ class MonitorConfig:
     window: int = 200
     target_arl: float = 5000  # online detectors together: sequences between false alarms
     permutations: int = 2999  # raised where alpha needs more (twosample.permutations_for)
+    ended_after_s: float = 900.0  # a regime silent this long while another goes on is over (a rollback)
+    override_regimes: int = 3  # request-override regimes watched by a window comparison, largest first
+    pin: str | None = None  # key=value terms selecting the baseline regime every newer one is compared with
 
     def __post_init__(self) -> None:
         permutations_for(self.alpha, len(TESTS) * len(METRICS))  # refuses an alpha no p-value can reach
+        if not self.ended_after_s > 0:
+            raise ValueError(f"ended_after_s must be > 0, got {self.ended_after_s!r}")
+        if not (isinstance(self.override_regimes, int) and self.override_regimes >= 0):
+            raise ValueError(f"override_regimes must be an integer >= 0, got {self.override_regimes!r}")
+        parse_pin(self.pin)
 
 
 @dataclass
@@ -182,13 +229,16 @@ class Monitor:
             self._refresh = self.index.refresh()
         return self._refresh
 
-    def regime_sample(self, regime: dict, end: str, n: int) -> Sample:
-        """The first or last `n` sequences of a regime, read from the few files the index says
-        can hold them."""
+    def regime_sample(self, regime: dict, end: str, n: int, since_us: int | None = None) -> Sample:
+        """The first or last `n` sequences of a regime (of its sequences after `since_us`: a
+        segment), read from the few files the index says can hold them."""
         where = _regime_filter(regime)
         for attempt in range(2):
-            files, bound = self.index.files_for(regime, end, n)
+            files, bound = self.index.files_for(regime, end, n, since_us)
             clause, params = where.sql()
+            if since_us is not None:
+                clause += " AND ts > make_timestamptz(?::BIGINT)"
+                params.append(since_us)
             if bound is not None:
                 clause += f" AND ts {'<=' if end == 'first' else '>='} make_timestamptz(?::BIGINT)"
                 params.append(bound)
@@ -236,60 +286,95 @@ class Monitor:
         read only the sequences added since the last run."""
         report = self._new_report()
         self._refresh = None
-        regimes = self.regimes()
-        if regimes:
-            cap, w = self.config.max_sequences, self.config.window
-            newest_regime = regimes[-1]
-            newest = self.regime_sample(newest_regime, "first", max(cap, w))
-            if len(regimes) > 1:
-                before = self.regime_sample(regimes[-2], "last", cap)
-                self._compare_samples(report, "regime", before, newest, recent_baseline=True)
-            if newest_regime["sequences"] >= 2 * w:
-                last = self.regime_sample(newest_regime, "last", w)
-                self._compare_samples(report, "window", newest.take(slice(0, w)), last)
-            self._online(report, newest_regime, newest.take(slice(0, w)))
+        plan = self.plan()
+        if plan.current is not None:
+            self._watch_segment(report, plan.current, plan.baseline)
+        for regime in plan.overrides:
+            self._window(report, regime, None)
         self._publish(report)
         return report
 
+    def plan(self) -> Plan:
+        """Which regimes this run compares (regimes.py); PinError when the pin selects none."""
+        config = self.config
+        return plan_comparisons(self.regimes(), config.ended_after_s, config.override_regimes,
+                                parse_pin(config.pin).terms)
+
+    def _watch_segment(self, report: Report, segment: Segment, baseline: dict | None) -> None:
+        """The regime, window and online comparisons of the newest segment."""
+        cap, w = self.config.max_sequences, self.config.window
+        regime, since = segment.regime, segment.since_us
+        newest = self.regime_sample(regime, "first", max(cap, 2 * w), since)
+        if baseline is not None:
+            before = self.regime_sample(baseline, "last", cap)
+            self._compare_samples(report, "regime", before, newest, recent_baseline=True)
+        self._window(report, regime, since, newest)
+        sequences = regime["sequences"] if since is None else len(newest)  # at least max(cap, 2w) if that many
+        self._online(report, regime, newest.take(slice(0, w)), sequences, since)
+
+    def _window(self, report: Report, regime: dict, since_us: int | None, first: Sample | None = None) -> None:
+        """A regime's (or segment's) latest `window` sequences against its first `window`."""
+        w = self.config.window
+        first = first if first is not None else self.regime_sample(regime, "first", 2 * w, since_us)
+        if (regime["sequences"] if since_us is None else len(first)) >= 2 * w:
+            last = self.regime_sample(regime, "last", w, since_us)
+            self._compare_samples(report, "window", first.take(slice(0, w)), last)
+
     def probe(self, lm, probes: list | None = None) -> Report:
-        """Score the probes on `lm`, store the scores, and compare them (paired) with the most
-        recent probe run of another model revision."""
-        from .probes import PROBE_METRICS, builtin_probes, paired_test, score_twice
+        """Score the probes on `lm` and record them (`record_probes`)."""
+        from .probes import builtin_probes, score_twice
 
         probes = probes or builtin_probes()
+        return self.record_probes(lm.model_id, lm.model_rev, probes, score_twice(lm, probes))
+
+    def record_probes(self, model_id: str, model_rev: str, probes: list, scores: tuple,
+                      against_other: bool = True) -> Report:
+        """Store a revision's probe scores (`probes.score_twice`) and compare them (paired) with
+        the most recent probe run of another model revision (unless `against_other` is false:
+        a periodic rescoring, whose revision was compared when it was new), and with this
+        revision's own previous run: a numerics change that kept the label (another kernel,
+        library or device) moves the scores of the same weights."""
+        from .probes import PROBE_METRICS
+
         report = self._new_report()
-        scores = score_twice(lm, probes)
         rows = [{"ts": report.ts, "run_id": report.report_id, "probe_id": p.probe_id, "replicate": replicate,
                  **{m: float(scores[replicate][m][i]) for m in PROBE_METRICS},
-                 "model_id": lm.model_id, "model_rev": lm.model_rev}
+                 "model_id": model_id, "model_rev": model_rev}
                 for replicate in (0, 1) for i, p in enumerate(probes)]
-        previous = self.store.rows(
-            "SELECT run_id, model_id, model_rev FROM probes WHERE (model_id, model_rev) != (?, ?) "
-            "ORDER BY ts DESC LIMIT 1", [lm.model_id, lm.model_rev])
+        other = self.store.rows(
+            "SELECT run_id, model_id, model_rev, ts FROM probes WHERE (model_id, model_rev) != (?, ?) "
+            "ORDER BY ts DESC LIMIT 1", [model_id, model_rev])
+        own = self.store.rows(
+            "SELECT run_id, model_id, model_rev, ts FROM probes WHERE model_id = ? AND model_rev = ? "
+            "ORDER BY ts DESC LIMIT 1", [model_id, model_rev])
         with ParquetSink(self.root, writer=f"probe-{report.report_id}", journal=None) as sink:
             sink.write("probes", pa.Table.from_pylist(rows, schema=PROBES))
-        if not previous:
-            return report  # the first model scored: the baseline of later runs
-        before = previous[0]
+        # none of either: the first revision scored, the baseline of later ones
+        for before in (other if against_other else []) + own:
+            self._probe_rows(report, before, probes, scores[0], f"{model_id}@{model_rev}")
+        if report.rows:
+            self._publish(report)
+        return report
+
+    def _probe_rows(self, report: Report, before: dict, probes: list, current: dict, label: str) -> None:
+        """The paired test of `current` scores against the probe run `before` (its two replicates)."""
+        from .probes import PROBE_METRICS, paired_test
+
         baseline = self.store.rows(f"SELECT probe_id, replicate, {', '.join(PROBE_METRICS)} FROM probes "
                                    "WHERE run_id = ?", [before["run_id"]])
         by_probe = {(r["probe_id"], r["replicate"]): r for r in baseline}
         shared = [i for i, p in enumerate(probes) if (p.probe_id, 0) in by_probe and (p.probe_id, 1) in by_probe]
         side = lambda replicate: {m: np.array([by_probe[(probes[i].probe_id, replicate)][m] for i in shared])  # noqa: E731
                                   for m in PROBE_METRICS}
-        current = {m: scores[0][m][shared] for m in PROBE_METRICS}
-        label = lambda r: f"{r['model_id']}@{r['model_rev']}"  # noqa: E731
-        for r in paired_test(side(0), side(1), current):
+        for r in paired_test(side(0), side(1), {m: current[m][shared] for m in PROBE_METRICS}):
             report.rows.append({
                 "report_id": report.report_id, "ts": report.ts, "kind": "probe", "metric": r.metric,
                 "test": "paired_sign_flip", "statistic": r.statistic, "p_value": r.p_value,
-                "effect_size": r.effect_size, "threshold": r.threshold, "baseline_regime": label(before),
-                "current_regime": label({"model_id": lm.model_id, "model_rev": lm.model_rev}),
-                "baseline_start": None, "baseline_end": None, "current_start": report.ts, "current_end": report.ts,
-                "n_baseline": r.n, "n_current": r.n, "verdict": r.verdict,
+                "effect_size": r.effect_size, "threshold": r.threshold,
+                "baseline_regime": f"{before['model_id']}@{before['model_rev']}", "current_regime": label,
+                "baseline_start": before["ts"], "baseline_end": before["ts"], "current_start": report.ts,
+                "current_end": report.ts, "n_baseline": r.n, "n_current": r.n, "verdict": r.verdict,
             })
-        self._publish(report)
-        return report
 
     def _compare_samples(self, report: Report, kind: str, baseline: Sample, current: Sample,
                          recent_baseline: bool = False) -> None:
@@ -299,18 +384,23 @@ class Monitor:
         else:
             baseline = baseline.take(slice(0, cap))
         current = current.take(slice(0, cap))
-        results = compare(baseline.metrics, current.metrics, alpha=self.config.alpha,
+        measured = _measured(baseline, current)
+        results = compare({m: baseline.metrics[m] for m in measured}, {m: current.metrics[m] for m in measured},
+                          alpha=self.config.alpha,
                           min_effect=self.config.min_effect, min_sequences=self.config.min_sequences,
                           permutations=self.config.permutations, baseline_keys=baseline.keys,
                           current_keys=current.keys)
         report.rows += [self._row(report, kind, r, baseline, current) for r in results]
 
-    def _online(self, report: Report, regime: dict, reference: Sample) -> None:
+    def _online(self, report: Report, regime: dict, reference: Sample, sequences: int,
+                since_us: int | None = None) -> None:
         """Feed the sequences of the newest regime that arrived since the last run to its
         detectors, whose state lives in the data root (online.json); one row per alarm, with
-        the sequence where it fired, else one row per metric with the detector's state."""
+        the sequence where it fired, else one row per metric with the detector's state. A
+        regime first watched in a later segment (a rollback) starts from that segment; one
+        watched before goes on against its reference."""
         w = self.config.window
-        if regime["sequences"] <= w:
+        if sequences <= w:
             return
         label = _describe(_regime_filter(regime))
         state = OnlineState.load(self.index.fs, self.index.path)
@@ -319,10 +409,10 @@ class Monitor:
         watch = state.regimes.get(label)
         if watch is None or watch.get("settings") != settings:  # first seen past its reference window, or retuned
             watch = state.regimes[label] = {"fed": {}, "watermark_us": None, "detectors": {}, "settings": settings}
-            for metric in METRICS:
+            for metric in ONLINE_METRICS:
                 watch["detectors"][metric] = _collecting(COUNT_METRICS.get(metric))
             self._feed(watch, reference)
-            batches = self._stream(files, [], regime, offset=w)
+            batches = self._stream(files, [], regime, offset=w, since_us=since_us)
         else:
             fed = watch["fed"]
             known = {part for parts in fed.values() for part in parts}
@@ -348,11 +438,13 @@ class Monitor:
                 report.rows.append(self._online_row(report, label, metric, d, None))
 
     def _stream(self, full: list[str], partial: list[str], regime: dict, offset: int = 0,
-                after_us: int | None = None):
-        """Record batches, in time order, of the regime's sequences in `full` files (from the
-        `offset`-th on), then of those after `after_us` in `partial` ones (compactions that
-        merged fed and unfed files)."""
+                after_us: int | None = None, since_us: int | None = None):
+        """Record batches, in time order, of the regime's sequences (after `since_us`) in `full`
+        files (from the `offset`-th on), then of those after `after_us` in `partial` ones
+        (compactions that merged fed and unfed files)."""
         clause, params = _regime_filter(regime).sql()
+        if since_us is not None:
+            clause += f" AND epoch_us(ts) > {int(since_us)}"
         base = _sample_sql("part", clause, None, "first")
         if full:
             yield from self._stream_files(full, base + (f" OFFSET {int(offset)}" if offset else ""), list(params))
@@ -366,7 +458,7 @@ class Monitor:
         an alarm is recorded with its sequence, and the detector collects a new reference
         from the sequences after it."""
         w = self.config.window
-        arl = self.config.target_arl * len(METRICS)  # the family of detectors keeps the target together
+        arl = self.config.target_arl * len(ONLINE_METRICS)  # the family of detectors keeps the target together
         alarms = []
         if len(sample):
             watch["watermark_us"] = max(int(sample.ts.max()), watch["watermark_us"] or 0)
@@ -513,14 +605,23 @@ def _sample(table: pa.Table, label: str) -> Sample:
                   np.array(table["prompt_key"].to_pylist(), dtype=object))
 
 
+def _measured(*samples: Sample) -> list[str]:
+    """The metrics some sequence of these samples has a value of: a column that files written
+    before it existed lack (null, e.g. `repetition`) is not tested rather than reported as
+    insufficient data on every run."""
+    return [m for m in METRICS if any(np.isfinite(s.metrics[m]).any() for s in samples)]
+
+
 def _regime_filter(regime: dict) -> Filter:
-    return Filter(tuple((key, regime[key]) for key in REGIME_IDENTITY))
+    source = (("params_source", regime["params_source"]),) if regime.get("params_source") else ()
+    return Filter(tuple((key, regime[key]) for key in REGIME_IDENTITY) + source)
 
 
 def _describe(where: Filter) -> str:
     values = dict(where.terms)
     if all(key in values for key in REGIME_IDENTITY):
-        rest = ",".join(f"{k}={v}" for k, v in where.terms if k not in REGIME_IDENTITY)
+        rest = ",".join(f"{k}={v}" for k, v in where.terms
+                        if k not in REGIME_IDENTITY and (k, v) != ("params_source", "deployment"))
         return f"{values['model_id']}@{values['model_rev']}/{values['params_id']}" + (f"[{rest}]" if rest else "")
     return ",".join(f"{k}={v}" for k, v in where.terms) or "all"
 

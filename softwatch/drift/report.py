@@ -73,7 +73,8 @@ def _verdict_table(rows: list[dict]) -> str:
 
 
 def _regime_table(regimes: list[dict]) -> str:
-    head = ["model_id", "model_rev", "params_id", "temperature", "top_p", "top_k", "sequences", "first_ts", "last_ts"]
+    head = ["model_id", "model_rev", "params_id", "params_source", "temperature", "top_p", "top_k", "sequences",
+            "first_ts", "last_ts"]
     body = "".join("<tr>" + "".join(f"<td class='l'>{_e(r[h])}</td>" for h in head) + "</tr>" for r in regimes)
     return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + body + "</table>"
 
@@ -124,8 +125,9 @@ def _time_series(sample: Sample, regimes: list[dict]):
     import matplotlib.pyplot as plt
 
     x = np.arange(len(sample))
+    deployment = [r for r in regimes if r.get("params_source") != "request"]  # client overrides mark nothing
     changes = [(int(np.searchsorted(sample.ts, r["first_ts"].timestamp() * 1e6 - 1)), r["params_id"])
-               for r in regimes[1:]]
+               for r in deployment[1:]]
     fig, axes = plt.subplots(len(TIME_SERIES), 1, figsize=(16, 2.6 * len(TIME_SERIES)), sharex=True)
     for ax, name in zip(axes, TIME_SERIES):
         values = sample.metrics[name]

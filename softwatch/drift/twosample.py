@@ -30,6 +30,7 @@ p-value, tests / (permutations + 1), is at most half of alpha.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -39,6 +40,7 @@ TESTS = ("ks", "cvm")
 MAX_PERMUTATIONS = 100_000
 P_RESOLUTION = 0.5  # the smallest attainable Holm-adjusted p as a share of alpha
 CHUNK_CELLS = 2_000_000  # permutations x sequences evaluated at once (16 MB per float array)
+GROUPED_CELLS = 2  # distinct values x clusters per sequence below which the counts path is used
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,13 @@ def ecdf_gaps(pooled_sorted_labels: np.ndarray, tie_ends: np.ndarray, n, m) -> n
 
     Labels are given in the order of the sorted pooled sample; at tied values both ECDFs are
     read at the end of the tie group, so ties count the way scipy counts them."""
-    current = np.cumsum(pooled_sorted_labels, axis=-1)
-    baseline = np.arange(1, pooled_sorted_labels.shape[-1] + 1) - current
-    gaps = baseline / n - current / m
+    # baseline / n - current / m with baseline = position - current (an integer running count
+    # first: a float cumulative sum costs several times as much)
+    gaps = np.cumsum(pooled_sorted_labels, axis=-1, dtype=np.int32) * -(1 / np.asarray(n, np.float64)
+                                                                        + 1 / np.asarray(m, np.float64))
+    gaps += np.arange(1, pooled_sorted_labels.shape[-1] + 1) / np.asarray(n, np.float64)
+    if len(tie_ends) and tie_ends[-1] == len(tie_ends) - 1 and np.all(tie_ends[:-1] < tie_ends[1:]):
+        return gaps  # no ties: every point is its own group end
     return gaps[..., tie_ends]
 
 
@@ -100,39 +106,104 @@ def permutation_null(x: np.ndarray, y: np.ndarray, permutations: int, seed: int 
     cx, cy = clusters if clusters is not None else (np.arange(len(x)), np.arange(len(y)))
     kx, ky = int(cx.max()) + 1, int(cy.max()) + 1
     pooled = np.concatenate([x, y])
+    values, group = np.unique(pooled, return_inverse=True)
+    if len(values) * (kx + ky) <= GROUPED_CELLS * len(pooled):
+        return _grouped_null(values, group, np.r_[cx, cy + kx], kx, ky, permutations, seed)
     order = np.argsort(pooled, kind="stable")
     sorted_values = pooled[order]
     # index of the last member of each tie group, repeated for every member
     last = np.r_[np.flatnonzero(np.diff(sorted_values) != 0), len(pooled) - 1]
     tie_ends = np.repeat(last, np.diff(np.r_[-1, last]))
     cluster_of = np.r_[cx, cy + kx][order]
+    # per cluster: sequences, and sums of the centered values and their squares (a split's side
+    # moments are a [splits, clusters] product, not a pass over every sequence)
+    centered = sorted_values - sorted_values.mean()
+    moments = np.zeros((kx + ky, 3))
+    np.add.at(moments, cluster_of, np.c_[np.ones(len(pooled)), centered, centered**2])
     observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
-    rng = np.random.default_rng(seed)
+    every = random_splits(kx, ky, permutations, seed)
     rows = max(1, CHUNK_CELLS // len(pooled))
-    parts = [_split_statistics(observed[None, cluster_of], sorted_values, tie_ends)]
+    parts = [_split_statistics(observed[None, :], cluster_of, sorted_values, tie_ends, moments)]
     for start in range(0, permutations, rows):
-        splits = rng.permuted(np.tile(observed, (min(rows, permutations - start), 1)), axis=1)
-        parts.append(_split_statistics(splits[:, cluster_of], sorted_values, tie_ends))
+        parts.append(_split_statistics(every[start:start + rows], cluster_of, sorted_values, tie_ends, moments))
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
-def _split_statistics(labels: np.ndarray, sorted_values: np.ndarray, tie_ends: np.ndarray) -> dict[str, np.ndarray]:
-    """KS, CvM and normalized W1 for each row of labels (True = current) over the sorted pooled sample."""
-    m = labels.sum(axis=1)
-    n = labels.shape[1] - m
-    gaps = ecdf_gaps(labels, tie_ends, n[:, None], m[:, None])
-    w1 = np.abs(gaps[:, :-1]) @ np.diff(sorted_values)
-    centered = sorted_values - sorted_values.mean()
-    baseline = ~labels
-    mean = baseline @ centered / n
-    spread = float(np.abs(centered).max())
-    scale = np.sqrt(np.maximum(baseline @ centered**2 / n - mean**2, 0.0))
-    scale[scale <= 1e-9 * spread] = 0.0  # a constant baseline, up to rounding
-    with np.errstate(divide="ignore", invalid="ignore"):
-        effect = np.where(scale > 0, w1 / scale, np.where(w1 > 1e-12 * max(spread, 1.0), np.inf, 0.0))
+@functools.lru_cache(maxsize=4)
+def random_splits(kx: int, ky: int, permutations: int, seed: int) -> np.ndarray:
+    """[permutations, kx + ky] random deals of the clusters (True = current side), read-only:
+    the same for every metric of a comparison whose sides have these cluster counts, so they
+    are drawn once (a comparison's metrics share one set of relabelings)."""
+    observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
+    splits = np.random.default_rng(seed).permuted(np.tile(observed, (permutations, 1)), axis=1)
+    splits.flags.writeable = False
+    return splits
+
+
+def _grouped_null(values: np.ndarray, group: np.ndarray, cluster: np.ndarray, kx: int, ky: int, permutations: int,
+                  seed: int) -> dict[str, np.ndarray]:
+    """`permutation_null` for a sample of few distinct values (an indicator, a constant): every
+    statistic is a function of how many sequences of each value each side holds, and a split's
+    counts are its clusters' (a [splits, clusters] @ [clusters, values] product), so no
+    per-sequence array is built. The same splits, in the same order, as the general path."""
+    counts = np.zeros((kx + ky, len(values)))
+    np.add.at(counts, (cluster, group), 1.0)
+    observed = np.r_[np.zeros(kx, bool), np.ones(ky, bool)]
+    every = random_splits(kx, ky, permutations, seed)
+    rows = max(1, CHUNK_CELLS // (kx + ky))
+    parts = [_count_statistics(observed[None, :].astype(float) @ counts, counts.sum(axis=0), values)]
+    for start in range(0, permutations, rows):
+        splits = every[start:start + rows]
+        parts.append(_count_statistics(splits.astype(float) @ counts, counts.sum(axis=0), values))
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def _count_statistics(current: np.ndarray, total: np.ndarray, values: np.ndarray) -> dict[str, np.ndarray]:
+    """KS, CvM and normalized W1 from each split's current count of every distinct value
+    ([splits, values], values ascending; `total` the pooled counts): `_split_statistics` with
+    each tie group's gap counted once per member."""
+    baseline = total - current
+    m = current.sum(axis=1)
+    n = baseline.sum(axis=1)
+    gaps = np.cumsum(baseline, axis=1) / n[:, None] - np.cumsum(current, axis=1) / m[:, None]
+    w1 = np.abs(gaps[:, :-1]) @ np.diff(values)
+    centered = values - (total @ values) / total.sum()
+    effect = _effect(w1, n, baseline @ centered, baseline @ centered**2, float(np.abs(centered).max()))
     return {
         "ks": np.abs(gaps).max(axis=1),
-        "cvm": n * m / (n + m) ** 2 * (gaps**2).sum(axis=1),  # Anderson's form; equals scipy's rank formula
+        "cvm": n * m / (n + m) ** 2 * ((gaps**2) @ total),
+        "effect": effect,
+    }
+
+
+def _effect(w1: np.ndarray, n: np.ndarray, baseline_sum: np.ndarray, baseline_squares: np.ndarray,
+            spread: float) -> np.ndarray:
+    """W1 over the baseline's standard deviation, from the baseline's sums of the centered
+    values and their squares; inf for a constant baseline the current differs from."""
+    mean = baseline_sum / n
+    scale = np.sqrt(np.maximum(baseline_squares / n - mean**2, 0.0))
+    scale[scale <= 1e-9 * spread] = 0.0  # a constant baseline, up to rounding
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(scale > 0, w1 / scale, np.where(w1 > 1e-12 * max(spread, 1.0), np.inf, 0.0))
+
+
+def _split_statistics(splits: np.ndarray, cluster_of: np.ndarray, sorted_values: np.ndarray, tie_ends: np.ndarray,
+                      moments: np.ndarray) -> dict[str, np.ndarray]:
+    """KS, CvM and normalized W1 for each row of cluster labels (True = current) over the
+    sorted pooled sample, whose sequences belong to clusters `cluster_of`; `moments` are the
+    clusters' sequence counts and sums of centered values and their squares."""
+    current = splits.astype(np.float64) @ moments
+    m = current[:, 0]
+    n = len(cluster_of) - m
+    gaps = ecdf_gaps(splits[:, cluster_of], tie_ends, n[:, None], m[:, None])
+    absolute = np.abs(gaps)
+    w1 = absolute[:, :-1] @ np.diff(sorted_values)
+    total = moments.sum(axis=0)
+    centered_spread = float(np.abs(sorted_values - sorted_values.mean()).max())
+    effect = _effect(w1, n, total[1] - current[:, 1], total[2] - current[:, 2], centered_spread)
+    return {
+        "ks": absolute.max(axis=1),
+        "cvm": n * m / (n + m) ** 2 * np.einsum("ij,ij->i", gaps, gaps),  # Anderson's form; equals scipy's rank formula
         "effect": effect,
     }
 

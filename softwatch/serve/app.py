@@ -71,7 +71,7 @@ def build_app(args: dict) -> Application:
         monitor_options = {"name": "DriftMonitor", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1},
                            "user_config": dict(args.get("drift") or {}), **overrides.get("DriftMonitor", {})}
         monitor = serve.deployment(DriftMonitor).options(**monitor_options).bind(
-            {"data": settings["data"], "metrics": settings.get("metrics", "none")})
+            {"data": settings["data"], "metrics": settings.get("metrics", "none")}, llm)
     return Ingress.options(**overrides.get("Ingress", {})).bind(
         llm, monitor, api_key_file=args.get("api_key_file"), require_api_key=bool(args.get("require_api_key", False)))
 

@@ -17,6 +17,7 @@ whose last `max_failed_steps` steps all failed reports itself unhealthy, so Serv
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -74,6 +75,7 @@ class LLMServer:
                                                                data_root=data))
         self.fault = bool(settings.get("allow_fault_injection", False))
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._params_sources: dict[str, str] = {}  # request id -> params_source (decode thread only)
         self._stopping = False
         self._thread = threading.Thread(target=self._decode_loop, name="softwatch-decode", daemon=True)
         self._thread.start()
@@ -94,7 +96,24 @@ class LLMServer:
         return {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "context_length": self.lm.context_length,
                 "defaults": {k: getattr(self.defaults, k) for k in DEFAULT_KEYS},
                 "params_id": self.defaults.params_id, "replica": self.context.replica, "pid": os.getpid(),
-                "running": self.engine.running, "waiting": self.engine.waiting, "failed_steps": self.failed_steps}
+                "running": self.engine.running, "waiting": self.engine.waiting, "failed_steps": self.failed_steps,
+                "scores_probes": self._scores_probes}
+
+    @property
+    def _scores_probes(self) -> bool:
+        """Whether this engine's model can be run teacher-forced (softwatch's engine; not vLLM's)."""
+        return getattr(self.lm, "model", None) is not None
+
+    async def score_probes(self) -> dict:
+        """The built-in probes scored teacher-forced on this replica's model (`probes.score_twice`),
+        run by the decode thread between two steps so that the model never runs in two threads
+        at once: {"model_id", "model_rev", "scores"}. ValueError where the engine cannot."""
+        if not self._scores_probes:
+            raise ValueError("probes need a model softwatch runs itself (engine: softwatch)")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("probe", done))
+        scores = await asyncio.wrap_future(done)
+        return {"model_id": self.lm.model_id, "model_rev": self.lm.model_rev, "scores": scores}
 
     def check_health(self) -> None:
         if not self._thread.is_alive():
@@ -186,7 +205,8 @@ class LLMServer:
         except Exception as exc:  # noqa: BLE001 - this request's failure, not the replica's
             log.exception("softwatch: preparing %s failed", spec["request_id"])
             raise refused(500, None, f"preparing the request failed: {type(exc).__name__}: {exc}") from None
-        return _Choice(spec, ids, params, prompt if isinstance(prompt, str) else repr(prompt))
+        return _Choice(spec, ids, params, prompt if isinstance(prompt, str) else repr(prompt),
+                       params_source(params, self.defaults))
 
     async def _timed_out(self, running: dict[int, _Choice], events: asyncio.Queue):
         """The answers of choices past the request's timeout, once the decode thread has recorded
@@ -254,6 +274,9 @@ class LLMServer:
             self._finish(c, callers, prompts)
 
     def _command(self, command: tuple, callers: dict, prompts: dict) -> None:
+        if command[0] == "probe":
+            _score_probes(self.lm, command[1])
+            return
         if command[0] == "cancel":
             _, rid, reason = command
             c = self.engine.cancel(rid, reason)
@@ -284,10 +307,14 @@ class LLMServer:
                 return
             callers[choice.request_id] = choice.put
             prompts[choice.request_id] = choice.prompt
+            self._params_sources[choice.request_id] = choice.params_source
         put((None, "admitted"))
 
     def _finish(self, c: Completion, callers: dict, prompts: dict, error: tuple | None = None) -> None:
         """Record a request that left the engine, then answer its caller (if it still listens)."""
+        source = self._params_sources.pop(c.request_id, None)
+        if source is not None:
+            c.regime = {**c.regime, "params_source": source}
         durable = self._record(c, prompts.pop(c.request_id, None))
         put = callers.pop(c.request_id, None)
         if put is None:
@@ -356,6 +383,7 @@ class _Choice:
     ids: list[int]
     params: DecodingParams
     prompt: str  # what its record keeps (when the deployment stores text)
+    params_source: str  # "deployment" | "request" (params_source)
     put: Callable[[tuple], None] | None = None
     on_token: Callable | None = None
 
@@ -370,6 +398,22 @@ class _Choice:
     @property
     def fault(self) -> str | None:
         return self.spec.get("fault")
+
+
+def _score_probes(lm, done: concurrent.futures.Future) -> None:
+    from ..drift.probes import builtin_probes, score_twice
+
+    try:
+        done.set_result(score_twice(lm, builtin_probes()))
+    except Exception as exc:  # noqa: BLE001 - the caller's failure, not the decode loop's
+        done.set_exception(exc)
+
+
+def params_source(params: DecodingParams, defaults: DecodingParams) -> str:
+    """"deployment" when a request decodes in the deployment's regime (it set no decoding
+    parameter, or set them to what the deployment's defaults give), else "request": a client's
+    own temperature/top_p/top_k, whose regime must not displace the deployment's in the monitor."""
+    return "deployment" if params.params_id == defaults.params_id else "request"
 
 
 class _Refused(Exception):
