@@ -35,7 +35,9 @@ import pyarrow as pa
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
 from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
+from .attribution import attribute_traffic
 from .online import CUSUM, PoissonCUSUM
+from .partial import compare_groups
 from .twosample import TESTS, TestResult, compare, permutations_for
 
 # sequence-level metric -> its SQL over the `sequences` view
@@ -112,6 +114,7 @@ class MonitorConfig:
     window: int = 200
     target_arl: float = 5000  # online detectors together: sequences between false alarms
     permutations: int = 2999  # raised where alpha needs more (twosample.permutations_for)
+    replica_sequences: int = 200  # per side of a replica / deployment comparison (partial.py)
 
     def __post_init__(self) -> None:
         permutations_for(self.alpha, len(TESTS) * len(METRICS))  # refuses an alpha no p-value can reach
@@ -128,6 +131,8 @@ class Report:
         verdicts = {r["verdict"] for r in self.rows}
         if "drift" in verdicts:
             return "drift"
+        if "traffic_change" in verdicts:  # outputs moved with the prompts, not for comparable ones (attribution.py)
+            return "traffic_change"
         return "no_drift" if "no_drift" in verdicts else "insufficient_data"
 
     def table(self) -> pa.Table:
@@ -144,13 +149,17 @@ class Sample:
     tokens: np.ndarray
     counts: dict[str, np.ndarray]
     keys: np.ndarray  # prompt_key of each sequence (None where the producer set none)
+    prompt_tokens: np.ndarray  # NaN where unknown
+    deployment: np.ndarray
+    replica: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ts)
 
     def take(self, index: slice | np.ndarray) -> Sample:
         return Sample(self.label, self.ts[index], {k: v[index] for k, v in self.metrics.items()}, self.tokens[index],
-                      {k: v[index] for k, v in self.counts.items()}, self.keys[index])
+                      {k: v[index] for k, v in self.counts.items()}, self.keys[index], self.prompt_tokens[index],
+                      self.deployment[index], self.replica[index])
 
 
 class Monitor:
@@ -248,6 +257,7 @@ class Monitor:
                 last = self.regime_sample(newest_regime, "last", w)
                 self._compare_samples(report, "window", newest.take(slice(0, w)), last)
             self._online(report, newest_regime, newest.take(slice(0, w)))
+            report.rows += compare_groups(self, report, newest_regime)
         self._publish(report)
         return report
 
@@ -299,11 +309,18 @@ class Monitor:
         else:
             baseline = baseline.take(slice(0, cap))
         current = current.take(slice(0, cap))
-        results = compare(baseline.metrics, current.metrics, alpha=self.config.alpha,
-                          min_effect=self.config.min_effect, min_sequences=self.config.min_sequences,
-                          permutations=self.config.permutations, baseline_keys=baseline.keys,
-                          current_keys=current.keys)
-        report.rows += [self._row(report, kind, r, baseline, current) for r in results]
+        rows = self.compare_with(report, kind, baseline, current)
+        report.rows += rows + attribute_traffic(self, report, kind, baseline, current, rows)
+
+    def compare_with(self, report: Report, kind: str, baseline: Sample, current: Sample,
+                     config: MonitorConfig | None = None) -> list[dict]:
+        """The rows of one comparison of two samples, as they are, at `config`'s alpha, effect
+        gate and permutations (default: the monitor's)."""
+        config = config or self.config
+        results = compare(baseline.metrics, current.metrics, alpha=config.alpha, min_effect=config.min_effect,
+                          min_sequences=config.min_sequences, permutations=config.permutations,
+                          baseline_keys=baseline.keys, current_keys=current.keys)
+        return [self._row(report, kind, r, baseline, current) for r in results]
 
     def _online(self, report: Report, regime: dict, reference: Sample) -> None:
         """Feed the sequences of the newest regime that arrived since the last run to its
@@ -496,6 +513,7 @@ def _regime_labels(label: str) -> dict:
 def _sample_sql(view: str, clause: str, limit: int | None, order: str) -> str:
     metric_sql = ", ".join(f"{sql} AS {name}" for name, sql in METRICS.items())
     select = (f"SELECT epoch_us(ts) AS ts_us, ts, request_id, generated_tokens, nonfinite, overflow, prompt_key, "
+              f"prompt_tokens, deployment, replica, "
               f"{metric_sql} FROM {view} WHERE generated_tokens > 0 AND {clause}")
     if limit is None:
         return f"{select} ORDER BY ts"
@@ -510,7 +528,9 @@ def _sample(table: pa.Table, label: str) -> Sample:
     return Sample(label, table["ts_us"].to_numpy(zero_copy_only=False),
                   {name: column(name) for name in METRICS}, column("generated_tokens"),
                   {name: column(count) for name, count in COUNT_METRICS.items()},
-                  np.array(table["prompt_key"].to_pylist(), dtype=object))
+                  np.array(table["prompt_key"].to_pylist(), dtype=object), column("prompt_tokens"),
+                  np.array(table["deployment"].to_pylist(), dtype=object),
+                  np.array(table["replica"].to_pylist(), dtype=object))
 
 
 def _regime_filter(regime: dict) -> Filter:
