@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .twosample import permutations_for, TESTS
+from .twosample import TESTS, permutations_for
 
 if TYPE_CHECKING:
     from .monitor import Monitor, Report, Sample
@@ -66,8 +66,10 @@ def compare_groups(monitor: Monitor, report: Report, regime: dict) -> list[dict]
 
 
 def _replica_of(sample: Sample) -> np.ndarray:
-    """`deployment/replica` of each sequence: replica names are only unique within a deployment."""
-    return np.array([f"{d}/{r}" for d, r in zip(sample.deployment, sample.replica)], dtype=object)
+    """`deployment/replica` of each sequence (replica names are only unique within a
+    deployment); None where the producer named no replica."""
+    return np.array([None if r is None else f"{d}/{r}" for d, r in zip(sample.deployment, sample.replica)],
+                    dtype=object)
 
 
 def _group_pairs(kind: str, column: np.ndarray, sample: Sample, per_side: int,
