@@ -74,8 +74,8 @@ def _replica_of(sample: Sample) -> np.ndarray:
 
 def _group_pairs(kind: str, column: np.ndarray, sample: Sample, per_side: int,
                  min_sequences: int) -> list[tuple[str, str, Sample, Sample]]:
-    """(kind, group, its most recent `per_side` sequences, as many of the others' from the
-    same time span) for each group of `column` that has `min_sequences` on both sides; none
+    """(kind, group, its most recent `per_side` sequences, as many of the others', an equal
+    share from each other group, from the same time span or nearest to it) for each group of `column` that has `min_sequences` on both sides; none
     when there is one group only."""
     names = [n for n in dict.fromkeys(column.tolist()) if n is not None]
     if len(names) < 2:
@@ -85,10 +85,21 @@ def _group_pairs(kind: str, column: np.ndarray, sample: Sample, per_side: int,
         mine = sample.take(np.flatnonzero(column == name)[-per_side:])
         if len(mine) < min_sequences:
             continue
-        span = (column != name) & (sample.ts >= mine.ts[0]) & (sample.ts <= mine.ts[-1])
-        others = np.flatnonzero(span)
-        if len(others) > per_side:  # spread over the span, the same rows on every run
-            others = others[np.linspace(0, len(others) - 1, per_side).round().astype(int)]
+        share = -(-per_side // (len(names) - 1))  # each other group an equal share: one bad group stays a share
+        others = np.sort(np.concatenate([_nearest_in_time(np.flatnonzero(column == other), sample.ts, mine.ts[0],
+                                                          mine.ts[-1], share)
+                                         for other in names if other != name]))[:per_side]
         if len(others) >= min_sequences:
             pairs.append((kind, name, mine, sample.take(others)))
     return pairs
+
+
+def _nearest_in_time(others: np.ndarray, ts: np.ndarray, start: int, end: int, n: int) -> np.ndarray:
+    """Up to n of the `others` (indices into ts, in time order): spread evenly over those
+    inside [start, end] when they are more than n (the same rows on every run), else the n
+    nearest to the span (a group's sequences can all finish within one decoding step)."""
+    distance = np.maximum(0, np.maximum(start - ts[others], ts[others] - end))
+    inside = others[distance == 0]
+    if len(inside) >= n:
+        return inside[np.linspace(0, len(inside) - 1, n).round().astype(int)]
+    return np.sort(others[np.argsort(distance, kind="stable")[:n]])
