@@ -5,9 +5,10 @@ the regime's labels, and in the regime's pooled sequences it is diluted to a fif
 regime and window comparisons miss it. Here the regime's most recent `max_sequences`
 sequences (one LIMIT query over the files that hold them) are grouped by replica
 (`deployment`/`replica`) and by deployment; each group's most recent `replica_sequences`
-are compared with as many of the other groups' sequences from the same time span (so a
-group that started late is not compared with an earlier, different traffic), with the
-cluster-aware tests of twosample.py.
+are compared with as many of the other groups' sequences, an equal share from each, from the
+same time span or nearest to it (so a group that started late is not compared with an
+earlier, different traffic, and one faulty group is a share of every other group's
+baseline), with the cluster-aware tests of twosample.py.
 
 Error control: `compare` keeps Holm's family-wise level over the metrics × tests of one
 comparison; the groups compared in one run are a family of m comparisons, each run at
@@ -74,9 +75,11 @@ def _replica_of(sample: Sample) -> np.ndarray:
 
 def _group_pairs(kind: str, column: np.ndarray, sample: Sample, per_side: int,
                  min_sequences: int) -> list[tuple[str, str, Sample, Sample]]:
-    """(kind, group, its most recent `per_side` sequences, as many of the others', an equal
-    share from each other group, from the same time span or nearest to it) for each group of `column` that has `min_sequences` on both sides; none
-    when there is one group only."""
+    """(kind, group, its most recent `per_side` sequences, as many of the others') for each
+    group of `column` with `min_sequences` on both sides; none when there is one group only.
+    The others' side takes an equal share from each other group, from the group's time span
+    or nearest to it, so that one faulty group is a share of every other group's baseline
+    and not the bulk of it."""
     names = [n for n in dict.fromkeys(column.tolist()) if n is not None]
     if len(names) < 2:
         return []
@@ -85,7 +88,7 @@ def _group_pairs(kind: str, column: np.ndarray, sample: Sample, per_side: int,
         mine = sample.take(np.flatnonzero(column == name)[-per_side:])
         if len(mine) < min_sequences:
             continue
-        share = -(-per_side // (len(names) - 1))  # each other group an equal share: one bad group stays a share
+        share = -(-per_side // (len(names) - 1))
         others = np.sort(np.concatenate([_nearest_in_time(np.flatnonzero(column == other), sample.ts, mine.ts[0],
                                                           mine.ts[-1], share)
                                          for other in names if other != name]))[:per_side]
