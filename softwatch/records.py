@@ -80,7 +80,9 @@ DRIFT_REPORTS = pa.schema(
     [
         pa.field("report_id", pa.string()),  # one id per monitor run; its rows share it
         pa.field("ts", TIMESTAMP),
-        pa.field("kind", pa.string()),  # "regime" | "window" | "probe" | "online"
+        # "regime" | "window" | "probe" | "online" | "replica" | "deployment" (partial.py) |
+        # "regime_traffic" | "window_traffic" | "regime_comparable" | "window_comparable" (attribution.py)
+        pa.field("kind", pa.string()),
         pa.field("metric", pa.string()),
         pa.field("test", pa.string()),
         pa.field("statistic", pa.float64()),
@@ -95,11 +97,13 @@ DRIFT_REPORTS = pa.schema(
         pa.field("current_end", TIMESTAMP),
         pa.field("n_baseline", pa.int64()),
         pa.field("n_current", pa.int64()),
-        pa.field("verdict", pa.string()),  # "drift" | "no_drift" | "insufficient_data"
+        pa.field("verdict", pa.string()),  # "drift" | "no_drift" | "insufficient_data" | "traffic_change"
         pa.field("unit", pa.string()),  # what the test permuted: "prompt" clusters or single "sequence"s
         pa.field("clusters_baseline", pa.int64()),
         pa.field("clusters_current", pa.int64()),
         pa.field("request_id", pa.string()),  # kind "online", verdict "drift": the sequence where the alarm fired
+        pa.field("deployment", pa.string()),  # kinds "replica" and "deployment": the group compared with the others
+        pa.field("replica", pa.string()),  # kind "replica"
     ]
 )
 

@@ -173,7 +173,8 @@ def test_monitor_says_no_drift_for_an_unchanged_distribution(tmp_path):
     write_regime(tmp_path, 300, params_id="p-a", temperature=0.7, start=START, seed=3)
     write_regime(tmp_path, 300, params_id="p-b", temperature=0.7, start=START + timedelta(hours=1), seed=4)
     report = Monitor(str(tmp_path), MonitorConfig(window=100)).run()
-    assert {r["kind"] for r in report.rows} == {"regime", "window", "online"}
+    # one replica: no replica comparison; the same prompt lengths: no traffic change
+    assert {r["kind"] for r in report.rows} == {"regime", "window", "online", "regime_traffic", "window_traffic"}
     assert report.verdict == "no_drift", [r for r in report.rows if r["verdict"] == "drift"]
 
 

@@ -38,9 +38,11 @@ import pyarrow as pa
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
 from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
+from .attribution import attribute_traffic
 from .online import CUSUM, PoissonCUSUM
 from .regimes import PIN_KEYS, Plan, Segment
 from .regimes import plan as plan_comparisons
+from .partial import compare_groups
 from .twosample import TESTS, TestResult, compare, permutations_for
 
 # sequence-level metric -> its SQL over the `sequences` view: the token statistics' summaries
@@ -154,6 +156,7 @@ class MonitorConfig:
     ended_after_s: float = 900.0  # a regime silent this long while another goes on is over (a rollback)
     override_regimes: int = 3  # request-override regimes watched by a window comparison, largest first
     pin: str | None = None  # key=value terms selecting the baseline regime every newer one is compared with
+    replica_sequences: int = 200  # per side of a replica / deployment comparison (partial.py)
 
     def __post_init__(self) -> None:
         permutations_for(self.alpha, len(TESTS) * len(METRICS))  # refuses an alpha no p-value can reach
@@ -175,6 +178,8 @@ class Report:
         verdicts = {r["verdict"] for r in self.rows}
         if "drift" in verdicts:
             return "drift"
+        if "traffic_change" in verdicts:  # outputs moved with the prompts, not for comparable ones (attribution.py)
+            return "traffic_change"
         return "no_drift" if "no_drift" in verdicts else "insufficient_data"
 
     def table(self) -> pa.Table:
@@ -191,13 +196,17 @@ class Sample:
     tokens: np.ndarray
     counts: dict[str, np.ndarray]
     keys: np.ndarray  # prompt_key of each sequence (None where the producer set none)
+    prompt_tokens: np.ndarray  # NaN where unknown
+    deployment: np.ndarray
+    replica: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ts)
 
     def take(self, index: slice | np.ndarray) -> Sample:
         return Sample(self.label, self.ts[index], {k: v[index] for k, v in self.metrics.items()}, self.tokens[index],
-                      {k: v[index] for k, v in self.counts.items()}, self.keys[index])
+                      {k: v[index] for k, v in self.counts.items()}, self.keys[index], self.prompt_tokens[index],
+                      self.deployment[index], self.replica[index])
 
 
 class Monitor:
@@ -289,6 +298,7 @@ class Monitor:
         plan = self.plan()
         if plan.current is not None:
             self._watch_segment(report, plan.current, plan.baseline)
+            report.rows += compare_groups(self, report, plan.current.regime)
         for regime in plan.overrides:
             self._window(report, regime, None)
         self._publish(report)
@@ -384,13 +394,20 @@ class Monitor:
         else:
             baseline = baseline.take(slice(0, cap))
         current = current.take(slice(0, cap))
+        rows = self.compare_with(report, kind, baseline, current)
+        report.rows += rows + attribute_traffic(self, report, kind, baseline, current, rows)
+
+    def compare_with(self, report: Report, kind: str, baseline: Sample, current: Sample,
+                     config: MonitorConfig | None = None) -> list[dict]:
+        """The rows of one comparison of two samples, as they are, at `config`'s alpha, effect
+        gate and permutations (default: the monitor's), over the metrics the samples measure."""
+        config = config or self.config
         measured = _measured(baseline, current)
         results = compare({m: baseline.metrics[m] for m in measured}, {m: current.metrics[m] for m in measured},
-                          alpha=self.config.alpha,
-                          min_effect=self.config.min_effect, min_sequences=self.config.min_sequences,
-                          permutations=self.config.permutations, baseline_keys=baseline.keys,
+                          alpha=config.alpha, min_effect=config.min_effect, min_sequences=config.min_sequences,
+                          permutations=config.permutations, baseline_keys=baseline.keys,
                           current_keys=current.keys)
-        report.rows += [self._row(report, kind, r, baseline, current) for r in results]
+        return [self._row(report, kind, r, baseline, current) for r in results]
 
     def _online(self, report: Report, regime: dict, reference: Sample, sequences: int,
                 since_us: int | None = None) -> None:
@@ -588,6 +605,7 @@ def _regime_labels(label: str) -> dict:
 def _sample_sql(view: str, clause: str, limit: int | None, order: str) -> str:
     metric_sql = ", ".join(f"{sql} AS {name}" for name, sql in METRICS.items())
     select = (f"SELECT epoch_us(ts) AS ts_us, ts, request_id, generated_tokens, nonfinite, overflow, prompt_key, "
+              f"prompt_tokens, deployment, replica, "
               f"{metric_sql} FROM {view} WHERE generated_tokens > 0 AND {clause}")
     if limit is None:
         return f"{select} ORDER BY ts"
@@ -602,7 +620,9 @@ def _sample(table: pa.Table, label: str) -> Sample:
     return Sample(label, table["ts_us"].to_numpy(zero_copy_only=False),
                   {name: column(name) for name in METRICS}, column("generated_tokens"),
                   {name: column(count) for name, count in COUNT_METRICS.items()},
-                  np.array(table["prompt_key"].to_pylist(), dtype=object))
+                  np.array(table["prompt_key"].to_pylist(), dtype=object), column("prompt_tokens"),
+                  np.array(table["deployment"].to_pylist(), dtype=object),
+                  np.array(table["replica"].to_pylist(), dtype=object))
 
 
 def _measured(*samples: Sample) -> list[str]:

@@ -24,9 +24,8 @@ def render(monitor: Monitor, out: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
-    rows = monitor.run().rows
-    verdict = "drift" if any(r["verdict"] == "drift" for r in rows) else (
-        "no_drift" if any(r["verdict"] == "no_drift" for r in rows) else "insufficient_data")
+    report = monitor.run()
+    rows, verdict = report.rows, report.verdict
     regimes = monitor.regimes()
     parts = [
         f"<h1>softwatch drift report</h1><p>data: {_e(monitor.root)} &middot; generated "
@@ -57,7 +56,7 @@ def render(monitor: Monitor, out: str) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td.l{text-align:left}.drift{color:#b00020}.no_drift{color:#1b7f3b}
-.insufficient_data{color:#777}img{max-width:100%}"""
+.insufficient_data{color:#777}.traffic_change{color:#a06000}img{max-width:100%}"""
 
 
 def _verdict_table(rows: list[dict]) -> str:

@@ -404,9 +404,14 @@ class Ingress:
         return {"status": "ok"}
 
     @app.get("/v1/drift/reports")
-    async def drift_reports(self, report_id: str | None = None, kind: Literal["regime", "window", "online", "probe"] | None = None,
-                            metric: str | None = None, verdict: Literal["drift", "no_drift", "insufficient_data"] | None = None,
+    async def drift_reports(self, report_id: str | None = None,
+                            kind: Literal["regime", "window", "online", "probe", "replica", "deployment",
+                                          "regime_traffic", "window_traffic", "regime_comparable",
+                                          "window_comparable"] | None = None,
+                            metric: str | None = None,
+                            verdict: Literal["drift", "no_drift", "insufficient_data", "traffic_change"] | None = None,
                             current_regime: str | None = None, baseline_regime: str | None = None,
+                            deployment: str | None = None, replica: str | None = None,
                             since: datetime | None = None, latest: bool = False,
                             limit: int = Query(1000, ge=1, le=10_000)) -> dict:
         """Rows of drift_reports, newest first (read-only; every filter is a parameter)."""
@@ -415,7 +420,7 @@ class Ingress:
                            kind="not_found_error")
         given = {"report_id": report_id, "kind": kind, "metric": metric, "verdict": verdict,
                  "current_regime": current_regime, "baseline_regime": baseline_regime,
-                 "since": since.isoformat() if since else None}
+                 "deployment": deployment, "replica": replica, "since": since.isoformat() if since else None}
         rows = await self.monitor.reports.remote({k: v for k, v in given.items() if v is not None}, latest, limit)
         return {"object": "list", "data": jsonable_encoder(rows)}
 

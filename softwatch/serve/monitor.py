@@ -26,10 +26,11 @@ from ..telemetry import Telemetry
 log = logging.getLogger("softwatch.serve")
 
 CONFIG_KEYS = ("interval_s", "probe_interval_s", *(f.name for f in dataclasses.fields(MonitorConfig)))
-REPORT_FILTERS = ("report_id", "kind", "metric", "verdict", "current_regime", "baseline_regime")
+REPORT_FILTERS = ("report_id", "kind", "metric", "verdict", "current_regime", "baseline_regime", "deployment",
+                  "replica")
 REPORT_COLUMNS = ("report_id", "ts", "kind", "metric", "test", "statistic", "p_value", "effect_size", "threshold",
                   "baseline_regime", "current_regime", "baseline_start", "baseline_end", "current_start",
-                  "current_end", "n_baseline", "n_current", "verdict")
+                  "current_end", "n_baseline", "n_current", "verdict", "deployment", "replica")
 MAX_LIMIT = 10_000
 
 
