@@ -100,7 +100,7 @@ def test_attribution_separates_a_traffic_shift_from_an_output_change(tmp_path):
     short = [(f"s{i}", int(g.integers(15, 30)), float(g.normal(1.5, 0.2))) for i in range(40)]
     long = [(f"l{i}", int(g.integers(90, 140)), float(g.normal(2.7, 0.2))) for i in range(20)]
     start = datetime(2026, 11, 1, tzinfo=timezone.utc)
-    for root, shift in ((tmp_path / "relabel", 0.0), (tmp_path / "change", 1.0)):
+    for root, shift in ((tmp_path / "relabel", 0.0), (tmp_path / "change", 1.0), (tmp_path / "small", 0.25)):
         write_traffic(root, short, 3, model_rev="r1", start=start, seed=2)
         write_traffic(root, short[:20] + long, 3, model_rev="r2", start=start + timedelta(hours=1), seed=3,
                       entropy_shift=shift)
@@ -122,3 +122,11 @@ def test_attribution_separates_a_traffic_shift_from_an_output_change(tmp_path):
     assert {r["metric"] for r in by_kind(changed, "regime") if r["verdict"] == "drift"} >= {"mean_entropy"}
     assert {r["metric"] for r in by_kind(changed, "regime_comparable") if r["verdict"] == "drift"} >= {"mean_entropy"}
     assert changed.verdict == "drift"
+
+    # a real change the 20 comparable prompts are too few to confirm (their p-value misses
+    # alpha, their effect passes their gate) is not put on the traffic: it stays an alarm
+    small = Monitor(str(tmp_path / "small"), MonitorConfig(min_sequences=50)).run()
+    comparable = {r["test"]: r for r in by_kind(small, "regime_comparable") if r["metric"] == "mean_entropy"}
+    assert comparable["ks"]["verdict"] == "no_drift" and comparable["ks"]["effect_size"] > comparable["ks"]["threshold"]
+    assert {r["verdict"] for r in by_kind(small, "regime") if r["metric"] == "mean_entropy"} == {"drift"}
+    assert small.verdict == "drift"

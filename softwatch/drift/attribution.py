@@ -8,10 +8,11 @@ with the same cluster-aware tests and Holm correction as the outputs; verdict
 `traffic_change` where it moved). When it moved and an output metric says `drift`, the
 output comparison is run again on comparable prompts only: the sequences whose prompt key
 appears on both sides (`<kind>_comparable` rows). An output row whose metric does not drift
-on comparable prompts (`no_drift` there) gets the verdict `traffic_change`: its outputs
-moved with the traffic, not for the same prompts. Where the comparable prompts drift too,
-or are too few to say (`insufficient_data`), the output row keeps `drift`: the change
-cannot be put on the traffic.
+on comparable prompts gets the verdict `traffic_change` (its outputs moved with the traffic,
+not for the same prompts) only where the comparable sample could have seen the change: their
+effect is under their effect gate, and that gate is at most half the pooled effect. Where the comparable prompts drift too, are too few to say, or see an
+effect the gate cannot rule out, the output row keeps `drift`: the change cannot be put on
+the traffic, and an alarm is better than a hidden change.
 """
 
 from __future__ import annotations
@@ -39,11 +40,23 @@ def attribute_traffic(monitor: Monitor, report: Report, kind: str, baseline: Sam
     shared = _shared_keys(baseline.keys, current.keys)
     comparable = monitor.compare_with(report, f"{kind}_comparable", baseline.take(_among(baseline.keys, shared)),
                                       current.take(_among(current.keys, shared)))
-    on_comparable = {(r["metric"], r["test"]): r["verdict"] for r in comparable}
+    on_comparable = {(r["metric"], r["test"]): r for r in comparable}
     for row in rows:
-        if row["verdict"] == "drift" and on_comparable.get((row["metric"], row["test"])) == "no_drift":
+        if row["verdict"] == "drift" and _explained(row, on_comparable.get((row["metric"], row["test"]))):
             row["verdict"] = TRAFFIC_CHANGE
     return traffic + comparable
+
+
+def _explained(row: dict, on_comparable: dict | None) -> bool:
+    """Whether the comparable prompts show the output change of `row` is the traffic's: they
+    say `no_drift`, their own effect is under their effect gate (what their size shows by
+    chance), and that gate is at most half the pooled effect, so they could have seen half
+    of it. A comparable sample too small for that proves nothing, and the row keeps `drift`."""
+    if on_comparable is None or on_comparable["verdict"] != "no_drift":
+        return False
+    effect, seen = row["effect_size"], on_comparable["effect_size"]
+    return (effect is not None and seen is not None and on_comparable["threshold"] is not None
+            and seen < on_comparable["threshold"] <= effect / 2)
 
 
 def _traffic_rows(monitor: Monitor, report: Report, kind: str, baseline: Sample, current: Sample) -> list[dict]:
