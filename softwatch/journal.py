@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 
@@ -39,8 +40,31 @@ class SegmentBroken(OSError):
     """An earlier append failed and could not be undone: the segment takes no more appends."""
 
 
+# The segments (and segments being created) this process holds. On NFS, Linux implements
+# flock as a POSIX lock, which belongs to the process: the process could lock its own live
+# segment again, and closing that second descriptor would drop the first one's lock. So a
+# process never tries to claim a path it holds.
+_held: set[str] = set()
+_held_lock = threading.Lock()
+
+
+def _hold(path: str) -> bool:
+    """Mark `path` held by this process; False if it already is."""
+    path = os.path.abspath(path)
+    with _held_lock:
+        if path in _held:
+            return False
+        _held.add(path)
+        return True
+
+
+def _let_go(path: str) -> None:
+    with _held_lock:
+        _held.discard(os.path.abspath(path))
+
+
 class Segment:
-    """A journal segment this process holds the lock of."""
+    """A journal segment this process holds the lock of (its path marked held by the caller)."""
 
     def __init__(self, path: str, fd: int):
         self.path, self._fd = path, fd
@@ -83,6 +107,7 @@ class Segment:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            _let_go(self.path)
 
 
 def create(directory: str, name: str) -> Segment:
@@ -91,15 +116,24 @@ def create(directory: str, name: str) -> Segment:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name + SUFFIX)
     creating = os.path.join(directory, f".{name}{_CREATING}")
-    fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    if not _hold(path):
+        raise FileExistsError(path)
+    _hold(creating)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        rename_noreplace(creating, path)
+        fd = os.open(creating, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            rename_noreplace(creating, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.remove(creating)  # O_EXCL made it ours
+            raise
     except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.remove(creating)  # O_EXCL made it ours
+        _let_go(path)
         raise
+    finally:
+        _let_go(creating)
     return Segment(path, fd)
 
 
@@ -120,19 +154,22 @@ def claim_orphans(directory: str) -> Iterator[Segment]:
 
 
 def _lock_if_orphan(path: str) -> Segment | None:
+    if not _hold(path):
+        return None  # this process holds it
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
+        _let_go(path)
         return None  # released between the listing and now
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         if os.fstat(fd).st_ino != os.stat(path).st_ino:
             raise FileNotFoundError(path)  # released (and the name reused) before we locked it
-    except (BlockingIOError, FileNotFoundError):  # its owner is alive, or it is gone
+    except BaseException as exc:
         os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
+        _let_go(path)
+        if isinstance(exc, (BlockingIOError, FileNotFoundError)):  # its owner is alive, or it is gone
+            return None
         raise
     return Segment(path, fd)
 

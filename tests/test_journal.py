@@ -3,6 +3,7 @@ dataset, whatever kills or full disks happen in between, and nothing but the ope
 (`store_text`) puts text under the data root."""
 
 import ast
+import fcntl
 import os
 import signal
 import subprocess
@@ -434,3 +435,29 @@ def test_a_live_sink_recovers_a_dead_writer_s_journal_without_a_new_writer(tmp_p
     answered = {r["request_id"] for r in Store(str(root)).rows("SELECT request_id FROM sequences")}
     assert len(answered) == 6  # the writer journaled 6 before saying "ready"
     assert_exactly_once(root, answered)
+
+
+class _ProcessOwnedLocks:
+    """fcntl as the journal sees it on NFS, where Linux implements flock as a whole-file POSIX
+    lock: owned by the process, so a second descriptor of the same process takes it too and
+    closing either drops it. No NFS server here, so this is the one fault emulated."""
+
+    LOCK_EX, LOCK_NB, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
+
+    @staticmethod
+    def flock(fd: int, operation: int) -> None:
+        fcntl.lockf(fd, operation)
+
+
+def test_periodic_recovery_never_claims_the_writers_own_live_segment_under_process_owned_locks(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal, "fcntl", _ProcessOwnedLocks)
+    completions = synthetic_completions(50, hours=0.01, seed=1)
+    sink = ParquetSink(str(tmp_path / "data"), flush_rows=10**9, flush_interval_s=3600,
+                       journal=str(tmp_path / "shared"), recover_interval_s=0.2)
+    for c in completions[:25]:
+        sink.write_completion(c, RecordContext())
+    time.sleep(1.0)  # about five recovery passes while the segment is live
+    for c in completions[25:]:
+        sink.write_completion(c, RecordContext())
+    sink.close()
+    assert_exactly_once(tmp_path / "data", {c.request_id for c in completions})
