@@ -137,7 +137,9 @@ def test_autoscaling_ramp_keeps_replica_labels_and_raises_no_drift(service):
     assert len({r["replica"] for r in rows[:WINDOW]}) == 1 and len({r["replica"] for r in rows[-WINDOW:]}) >= 2
     report = monitor.run()
     compared = [r for r in report.rows if r["kind"] in ("window", "regime")]
-    assert compared and all(r["kind"] == "window" and r["n_baseline"] == WINDOW for r in compared), compared
-    drifted = [(r["metric"], r["test"], r["p_value"], r["effect_size"]) for r in compared if r["verdict"] == "drift"]
-    assert not drifted, drifted
-    assert {r["verdict"] for r in compared} == {"no_drift"}
+    # repetition is defined from 4 generated tokens on: a sequence that stopped sooner has none
+    defined = [r for r in compared if r["metric"] != "repetition"]
+    assert defined and all(r["kind"] == "window" and r["n_baseline"] == WINDOW for r in defined), defined
+    drifted = [(r["kind"], r["metric"], r["test"], r["p_value"]) for r in report.rows if r["verdict"] == "drift"]
+    assert not drifted, drifted  # nor on any replica: the replicas added serve what the first one did
+    assert {r["verdict"] for r in defined} == {"no_drift"}
