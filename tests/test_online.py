@@ -124,3 +124,19 @@ def test_a_sample_whose_files_were_compacted_away_since_the_refresh_is_read_from
     compact(str(tmp_path))  # and now they are gone
     sample = monitor.regime_sample(regime, "first", 400)
     assert len(sample) == 400 and np.all(np.diff(sample.ts) >= 0)
+
+
+def test_a_compaction_of_fed_and_unfed_files_feeds_the_unfed_rows_whatever_their_timestamps(tmp_path):
+    from softwatch.store import compact
+
+    write_regime(tmp_path, 300, params_id="p", temperature=0.7, start=START, seed=5)  # ts 0..299 s: fed
+    first = {r["metric"]: r["n_current"] for r in _online(Monitor(str(tmp_path), CONFIG).run())}
+    assert set(first.values()) == {150}
+    # another writer's late flush: rows older than the last one fed, merged with the fed file
+    write_regime(tmp_path, 100, params_id="p", temperature=0.7, start=START + timedelta(seconds=100), seed=6)
+    compact(str(tmp_path))
+    monitor = Monitor(str(tmp_path), CONFIG)
+    later = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
+    assert set(later.values()) == {250} and [r["sequences"] for r in monitor.regimes()] == [400]
+    again = {r["metric"]: r["n_current"] for r in _online(Monitor(str(tmp_path), CONFIG).run())}
+    assert again == later  # and nothing is fed twice

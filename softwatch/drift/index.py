@@ -27,7 +27,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..records import SEQUENCES
-from ..store import SOURCES_KEY, _is_data_file, _is_local, open_root
+from ..store import SOURCE_ROWS_KEY, SOURCES_KEY, _is_data_file, _is_local, open_root
 
 log = logging.getLogger("softwatch.drift")
 
@@ -73,6 +73,7 @@ class RegimeIndex:
         self.con = con or duckdb.connect()
         self.table = INDEX.empty_table()
         self._loaded = False
+        self._held: dict[str, tuple[list[str], dict | None]] = {}  # file -> its parts and their rows (immutable)
 
     @property
     def location(self) -> str:
@@ -105,14 +106,27 @@ class RegimeIndex:
     def parts_of(self, file: str) -> list[str]:
         """The writers' `part-` files whose rows `file` holds: itself, or those a compaction
         merged into it (its `softwatch.sources` metadata)."""
-        name = file.rsplit("/", 1)[1]
-        if name.startswith("part-"):
-            return [name]
-        try:
-            with self.fs.open_input_file(f"{self.path}/{file}") as f:
-                return json.loads((pq.read_metadata(f).metadata or {}).get(SOURCES_KEY, b"[]")) or [name]
-        except (OSError, ValueError):
-            return [name]
+        return self._held_parts(file)[0]
+
+    def rows_of(self, file: str) -> dict[str, list[int]] | None:
+        """Where the rows of each `part-` file that `file` holds lie in it ({part: [start,
+        stop)}), or None where that is not recorded (a compaction that predates it)."""
+        return self._held_parts(file)[1]
+
+    def _held_parts(self, file: str) -> tuple[list[str], dict | None]:
+        if file not in self._held:
+            name = file.rsplit("/", 1)[1]
+            if name.startswith("part-"):
+                return [name], None
+            try:
+                with self.fs.open_input_file(f"{self.path}/{file}") as f:
+                    metadata = pq.read_metadata(f).metadata or {}
+            except (OSError, ValueError):
+                return [name], None
+            rows = metadata.get(SOURCE_ROWS_KEY)
+            self._held[file] = (json.loads(metadata.get(SOURCES_KEY, b"[]")) or [name],
+                                json.loads(rows) if rows else None)
+        return self._held[file]
 
     def seen_before(self, file: str, known: set[str]) -> str:
         """Whether the rows of `file` are those of `part-` files named in `known`: "all" of them
@@ -225,6 +239,30 @@ def dataset(files: list[str], fs: pafs.FileSystem, path: str) -> ds.Dataset:
     """The `sequences` rows of these files (relative to the root), in the full schema: a column
     an older file lacks reads as null."""
     return ds.dataset([f"{path}/{f}" for f in files], schema=SEQUENCES, format="parquet", filesystem=fs)
+
+
+def rows_at(files: dict[str, list[list[int]]], fs: pafs.FileSystem, path: str) -> pa.Table:
+    """The `sequences` rows at these [start, stop) row ranges of these files (relative to the
+    root), in the full schema; only the row groups that hold them are read."""
+    pieces = []
+    for file, spans in files.items():
+        with fs.open_input_file(f"{path}/{file}") as source:
+            parquet = pq.ParquetFile(source)
+            group_start = 0
+            for g in range(parquet.num_row_groups):
+                group_stop = group_start + parquet.metadata.row_group(g).num_rows
+                wanted = [(max(a, group_start), min(b, group_stop)) for a, b in spans if a < group_stop and b > group_start]
+                if wanted:
+                    group = _conform(parquet.read_row_group(g))
+                    pieces += [group.slice(a - group_start, b - a) for a, b in wanted]
+                group_start = group_stop
+    return pa.concat_tables(pieces) if pieces else SEQUENCES.empty_table()
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """`table` in the `sequences` schema: a column it lacks (an older file) is null."""
+    return pa.Table.from_arrays([table[f.name].cast(f.type) if f.name in table.column_names
+                                 else pa.nulls(table.num_rows, f.type) for f in SEQUENCES], schema=SEQUENCES)
 
 
 def write_atomically(fs: pafs.FileSystem, final: str, write) -> None:

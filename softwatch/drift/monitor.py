@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
-from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
+from .index import INDEX_DIR, RegimeIndex, dataset, rows_at, write_atomically
 from .attribution import attribute_traffic
 from .online import CUSUM, PoissonCUSUM
 from .regimes import PIN_KEYS, Plan, Segment
@@ -271,9 +271,13 @@ class Monitor:
 
     def _stream_files(self, files: list[str], sql: str, params: list):
         """Record batches of SQL over these files (as `_query_files`), read as they are used."""
+        yield from self._stream_view(dataset(files, self.index.fs, self.index.path), sql, params)
+
+    def _stream_view(self, part, sql: str, params: list):
+        """Record batches of SQL over `part` (a dataset or table of `sequences` rows)."""
         cursor = self.store.con.cursor()
         try:
-            cursor.register("part", dataset(files, self.index.fs, self.index.path))
+            cursor.register("part", part)
             yield from cursor.sql(sql, params=params).to_arrow_reader(65_536)
         finally:
             cursor.close()
@@ -433,13 +437,18 @@ class Monitor:
         else:
             fed = watch["fed"]
             known = {part for parts in fed.values() for part in parts}
-            full, partial = [], []
+            full, partial, unfed = [], [], {}
             for f in files:
                 if f in fed:
                     continue
                 seen = self.index.seen_before(f, known)
-                (full if seen == "none" else partial if seen == "some" else []).append(f)
-            batches = self._stream(full, partial, regime, after_us=watch["watermark_us"])
+                if seen == "none":
+                    full.append(f)
+                elif seen == "some" and (rows := self.index.rows_of(f)) is not None:
+                    unfed[f] = [rows[p] for p in self.index.parts_of(f) if p not in known]
+                elif seen == "some":
+                    partial.append(f)
+            batches = self._stream(full, partial, regime, after_us=watch["watermark_us"], unfed=unfed)
         alarms = []
         for batch in batches:
             alarms += self._feed(watch, _sample(batch, label), batch.column("request_id"))
@@ -455,16 +464,19 @@ class Monitor:
                 report.rows.append(self._online_row(report, label, metric, d, None))
 
     def _stream(self, full: list[str], partial: list[str], regime: dict, offset: int = 0,
-                after_us: int | None = None, since_us: int | None = None):
+                after_us: int | None = None, since_us: int | None = None, unfed: dict | None = None):
         """Record batches, in time order, of the regime's sequences (after `since_us`) in `full`
-        files (from the `offset`-th on), then of those after `after_us` in `partial` ones
-        (compactions that merged fed and unfed files)."""
+        files (from the `offset`-th on), then of those at the `unfed` row ranges of compactions
+        that merged fed and unfed files, then of those after `after_us` in `partial` ones (such
+        compactions that predate the recorded row ranges)."""
         clause, params = _regime_filter(regime).sql()
         if since_us is not None:
             clause += f" AND epoch_us(ts) > {int(since_us)}"
         base = _sample_sql("part", clause, None, "first")
         if full:
             yield from self._stream_files(full, base + (f" OFFSET {int(offset)}" if offset else ""), list(params))
+        if unfed:
+            yield from self._stream_view(rows_at(unfed, self.index.fs, self.index.path), base, list(params))
         if partial:
             yield from self._stream_files(partial, f"SELECT * FROM ({base}) WHERE ts_us > {int(after_us or 0)} "
                                           "ORDER BY ts_us", list(params))
