@@ -140,3 +140,30 @@ def test_a_compaction_of_fed_and_unfed_files_feeds_the_unfed_rows_whatever_their
     assert set(later.values()) == {250} and [r["sequences"] for r in monitor.regimes()] == [400]
     again = {r["metric"]: r["n_current"] for r in _online(Monitor(str(tmp_path), CONFIG).run())}
     assert again == later  # and nothing is fed twice
+
+
+def test_a_run_while_a_compaction_output_and_its_inputs_are_both_listed_feeds_and_counts_each_row_once(tmp_path):
+    import shutil
+
+    from softwatch.store import compact
+
+    write_regime(tmp_path, 300, params_id="p", temperature=0.7, start=START, seed=5)
+    first = {r["metric"]: r["n_current"] for r in _online(Monitor(str(tmp_path), CONFIG).run())}
+    assert set(first.values()) == {150}
+    write_regime(tmp_path, 100, params_id="p", temperature=0.7, start=START + timedelta(hours=1), seed=6)
+    inputs = sorted(tmp_path.glob("sequences/*/part-*.parquet"))
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for f in inputs:
+        shutil.copy(f, saved / f.name)
+    compact(str(tmp_path))
+    for f in inputs:  # the state of a compaction that published its output and has not deleted its inputs yet
+        shutil.copy(saved / f.name, f)
+    monitor = Monitor(str(tmp_path), CONFIG)
+    during = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
+    assert set(during.values()) == {250} and [r["sequences"] for r in monitor.regimes()] == [400]
+    for f in inputs:  # the compaction's deletes land
+        f.unlink()
+    monitor = Monitor(str(tmp_path), CONFIG)
+    after = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
+    assert after == during and [r["sequences"] for r in monitor.regimes()] == [400]

@@ -4,7 +4,8 @@ with their counts and first and last timestamps. Kept in the data root
 reading only the files added since the last one, so a run never scans the whole history
 to find its regimes. Files that disappeared (merged by compaction) drop out; the file that
 merged them comes in as a new file whose sources (its `softwatch.sources` metadata) were
-seen already. Regimes are counted apart by `params_source`: the deployment's own decoding
+seen already. A listed file whose rows a listed compacted file holds as well (a compaction's
+inputs before its deletes land) is left out, so no row is counted or fed twice. Regimes are counted apart by `params_source`: the deployment's own decoding
 parameters, and a client's per-request overrides (a null source, in files written before the
 column, counts as the deployment's).
 
@@ -27,7 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..records import SEQUENCES
-from ..store import SOURCE_ROWS_KEY, SOURCES_KEY, _is_data_file, _is_local, open_root
+from ..store import COMPACT_PREFIX, SOURCE_ROWS_KEY, SOURCES_KEY, _is_data_file, _is_local, open_root
 
 log = logging.getLogger("softwatch.drift")
 
@@ -82,13 +83,14 @@ class RegimeIndex:
     # ---- keeping it current ---------------------------------------------------------------------
     def refresh(self) -> Refresh:
         first = not self._load()
-        present = set(self._list())
+        listed = self._list()
+        present = set(listed) - self._covered(listed)
         indexed = set(self.table["file"].to_pylist())
         added = sorted(present - indexed)
         removed = sorted(indexed - present)
         if removed:
-            keep = pa.array([f not in set(removed) for f in self.table["file"].to_pylist()])
-            self.table = self.table.filter(keep)
+            gone = set(removed)
+            self.table = self.table.filter(pa.array([f not in gone for f in self.table["file"].to_pylist()]))
         if added:
             self.table = pa.concat_tables([self.table, *[self._aggregate(f) for f in added]])
         if added or removed or first:
@@ -102,6 +104,25 @@ class RegimeIndex:
         except (FileNotFoundError, OSError):
             return []
         return [i.path[len(self.path) + 1:] for i in infos if _is_data_file(i)]
+
+    def _covered(self, files: list[str]) -> set[str]:
+        """Listed files whose rows a listed compacted file holds too: the inputs of a compaction
+        that published its output and has not deleted them yet (or was killed in between), and
+        of two compactions of the same inputs all but one. They are not present: counted or fed
+        with the compacted file, their rows would be twice."""
+        partitions: dict[str, list[str]] = {}
+        for f in files:
+            partitions.setdefault(f.rsplit("/", 1)[0], []).append(f)
+        covered = set()
+        for group in partitions.values():
+            merged = [f for f in group if f.rsplit("/", 1)[1].startswith(COMPACT_PREFIX)]
+            if len(group) < 2 or not merged:
+                continue
+            held = {f: set(self.parts_of(f)) for f in group}
+            for f in group:
+                if any(g != f and (held[f] < held[g] or (held[f] == held[g] and g < f)) for g in merged):
+                    covered.add(f)
+        return covered
 
     def parts_of(self, file: str) -> list[str]:
         """The writers' `part-` files whose rows `file` holds: itself, or those a compaction
