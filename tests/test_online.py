@@ -167,3 +167,25 @@ def test_a_run_while_a_compaction_output_and_its_inputs_are_both_listed_feeds_an
     monitor = Monitor(str(tmp_path), CONFIG)
     after = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
     assert after == during and [r["sequences"] for r in monitor.regimes()] == [400]
+
+
+def test_an_alarm_whose_report_could_not_be_published_is_reported_by_the_next_run(tmp_path):
+    import pytest
+
+    write_regime(tmp_path, 300, params_id="p", temperature=0.7, start=START, seed=5)
+    Monitor(str(tmp_path), CONFIG).run()
+    write_regime(tmp_path, 300, params_id="p", temperature=0.7, start=START + timedelta(hours=1),
+                 entropy_shift=0.8, seed=6)
+    reports = tmp_path / "drift_reports"
+    reports.rename(tmp_path / "drift_reports.saved")
+    reports.write_text("not a directory")  # the report cannot be written
+    with pytest.raises(OSError):
+        Monitor(str(tmp_path), CONFIG).run()
+    reports.unlink()
+    (tmp_path / "drift_reports.saved").rename(reports)
+    again = Monitor(str(tmp_path), CONFIG).run()
+    alarms = [r for r in _online(again, "drift") if r["metric"] == "mean_entropy"]
+    assert len(alarms) == 1 and alarms[0]["request_id"].startswith("p-6-")
+    stored = Store(str(tmp_path)).rows("SELECT request_id FROM drift_reports WHERE kind = 'online' "
+                                       "AND verdict = 'drift' AND metric = 'mean_entropy'")
+    assert stored == [{"request_id": alarms[0]["request_id"]}]

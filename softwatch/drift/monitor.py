@@ -217,6 +217,7 @@ class Monitor:
         self.store = Store(root)
         self.index = RegimeIndex(root, self.store.con)
         self._refresh = None  # the index refresh of this run
+        self._online_state = None  # the online detectors' state this run leaves, saved once its report is out
 
     # ---- reading ------------------------------------------------------------------------------
     def sample(self, where: Filter, label: str = "", limit: int | None = None, order: str = "first") -> Sample:
@@ -298,7 +299,7 @@ class Monitor:
         sequences read with a LIMIT from the files that can hold them, and the online detectors
         read only the sequences added since the last run."""
         report = self._new_report()
-        self._refresh = None
+        self._refresh = self._online_state = None
         plan = self.plan()
         if plan.current is not None:
             self._watch_segment(report, plan.current, plan.baseline)
@@ -306,6 +307,8 @@ class Monitor:
         for regime in plan.overrides:
             self._window(report, regime, None)
         self._publish(report)
+        if self._online_state is not None:  # after the report: an alarm whose report failed fires again
+            self._online_state.save(self.index.fs, self.index.path)
         return report
 
     def plan(self) -> Plan:
@@ -455,7 +458,7 @@ class Monitor:
         # the files fed, with the writers' part files each holds (what a later compaction names)
         watch["fed"] = {f: watch["fed"].get(f) or self.index.parts_of(f) for f in files}
         state.keep(label)
-        state.save(self.index.fs, self.index.path)
+        self._online_state = state  # saved by `run` once the report is published
         for metric, d in watch["detectors"].items():
             mine = [a for a in alarms if a["metric"] == metric]
             for a in mine:
