@@ -114,16 +114,59 @@ def test_compaction_neither_refeeds_nor_loses_sequences(tmp_path):
     assert set(later.values()) == {400} and [r["sequences"] for r in monitor.regimes()] == [550]
 
 
-def test_a_sample_whose_files_were_compacted_away_since_the_refresh_is_read_from_the_merged_file(tmp_path):
+def _three_files(root):
+    for i in range(3):
+        write_regime(str(root), 150, params_id="p", temperature=0.7, start=START + timedelta(minutes=10 * i), seed=i)
+
+
+def test_a_sample_whose_files_were_compacted_away_since_the_refresh_is_read_from_the_merged_file(root, monkeypatch):
+    from softwatch import rootlock
     from softwatch.store import compact
 
-    for i in range(3):
-        write_regime(tmp_path, 150, params_id="p", temperature=0.7, start=START + timedelta(minutes=10 * i), seed=i)
-    monitor = Monitor(str(tmp_path), CONFIG)
+    monkeypatch.setattr(rootlock, "SETTLE_S", 0.05)
+    _three_files(root)
+    monitor = Monitor(str(root), CONFIG)
     (regime,) = monitor.regimes()  # the index lists the three files
-    compact(str(tmp_path))  # and now they are gone
+    compact(str(root))  # and now they are gone
     sample = monitor.regime_sample(regime, "first", 400)
     assert len(sample) == 400 and np.all(np.diff(sample.ts) >= 0)
+
+
+def test_a_run_survives_a_compaction_during_the_online_feed_and_during_the_index_refresh(root, monkeypatch):
+    from softwatch import rootlock
+    from softwatch.drift.index import RegimeIndex
+    from softwatch.store import compact
+
+    monkeypatch.setattr(rootlock, "SETTLE_S", 0.05)
+    _three_files(root)
+    monitor = Monitor(str(root), CONFIG)
+    feed = monitor._online
+
+    def compacted_first(*args, **kwargs):  # a compaction lands between the samples and the online feed
+        compact(str(root))
+        return feed(*args, **kwargs)
+
+    monkeypatch.setattr(monitor, "_online", compacted_first)
+    fed = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
+    assert set(fed.values()) == {300}  # 450 - the reference, each once
+
+    write_regime(str(root), 150, params_id="p", temperature=0.7, start=START + timedelta(hours=1), seed=9)
+    write_regime(str(root), 150, params_id="p", temperature=0.7, start=START + timedelta(hours=2), seed=10)
+    monitor = Monitor(str(root), CONFIG)
+    listing = RegimeIndex._list
+
+    def listed_then_compacted(index):  # ...and between the index's listing and its reading the new files
+        files = listing(index)
+        compact(str(root))
+        return files
+
+    monkeypatch.setattr(RegimeIndex, "_list", listed_then_compacted)
+    later = {r["metric"]: r["n_current"] for r in _online(monitor.run())}
+    monkeypatch.undo()
+    assert set(later.values()) == {600}
+    monitor = Monitor(str(root), CONFIG)
+    assert [r["sequences"] for r in monitor.regimes()] == [750]
+    assert {r["metric"]: r["n_current"] for r in _online(monitor.run())} == later
 
 
 def test_a_compaction_of_fed_and_unfed_files_feeds_the_unfed_rows_whatever_their_timestamps(tmp_path):

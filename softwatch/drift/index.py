@@ -92,7 +92,10 @@ class RegimeIndex:
             gone = set(removed)
             self.table = self.table.filter(pa.array([f not in gone for f in self.table["file"].to_pylist()]))
         if added:
-            self.table = pa.concat_tables([self.table, *[self._aggregate(f) for f in added]])
+            read = [self._aggregate(f) for f in added]
+            # a file compacted away since the listing: its rows come in with the merged file, next time
+            added = [f for f, t in zip(added, read) if t is not None]
+            self.table = pa.concat_tables([self.table, *[t for t in read if t is not None]])
         if added or removed or first:
             self._save()
         return Refresh(added, removed, first)
@@ -156,13 +159,19 @@ class RegimeIndex:
         seen = sum(p in known for p in parts)
         return "all" if seen == len(parts) else ("none" if seen == 0 else "some")
 
-    def _aggregate(self, file: str) -> pa.Table:
-        part = dataset([file], self.fs, self.path)
-        self.con.register("part", part)
+    def _aggregate(self, file: str) -> pa.Table | None:
+        """The index rows of `file`; None when it vanished since it was listed."""
         try:
-            got = self.con.sql(AGGREGATE).to_arrow_table()
-        finally:
-            self.con.unregister("part")
+            part = dataset([file], self.fs, self.path)
+            self.con.register("part", part)
+            try:
+                got = self.con.sql(AGGREGATE).to_arrow_table()
+            finally:
+                self.con.unregister("part")
+        except READ_ERRORS as exc:
+            if vanished(exc):
+                return None
+            raise
         n = got.num_rows
         if n == 0:
             row = {name: None for name in INDEX.names}
@@ -254,6 +263,19 @@ class RegimeIndex:
         keep = [all(row[k] == regime[k] for k in REGIME_IDENTITY) and row["sequences"] > 0
                 for row in t.select([*REGIME_IDENTITY, "sequences"]).to_pylist()]
         return sorted(set(f for f, k in zip(t["file"].to_pylist(), keep) if k))
+
+
+READ_ERRORS = (duckdb.Error, OSError, pa.ArrowException)  # what reading a file that vanished raises
+
+
+def vanished(exc: BaseException) -> bool:
+    """Whether a read failed because a data file is gone (compacted away since it was listed):
+    locally a FileNotFoundError when the dataset is made; on an object store the dataset is
+    lazy, and DuckDB reports the scan's missing key as an InvalidInputException."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in ("no such file", "path does not exist", "nosuchkey", "not found"))
 
 
 def dataset(files: list[str], fs: pafs.FileSystem, path: str) -> ds.Dataset:

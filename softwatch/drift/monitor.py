@@ -31,13 +31,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
-from .index import INDEX_DIR, RegimeIndex, dataset, rows_at, write_atomically
+from .index import INDEX_DIR, READ_ERRORS, RegimeIndex, dataset, rows_at, vanished, write_atomically
 from .attribution import attribute_traffic
 from .online import CUSUM, PoissonCUSUM
 from .regimes import PIN_KEYS, Plan, Segment
@@ -254,9 +253,8 @@ class Monitor:
                 params.append(bound)
             try:
                 return _sample(self._query_files(files, _sample_sql("part", clause, n, end), params), _describe(where))
-            except (duckdb.IOException, OSError, pa.ArrowException) as exc:  # compacted away since the refresh
-                gone = isinstance(exc, FileNotFoundError) or "No such file" in str(exc) or "not found" in str(exc).lower()
-                if attempt or not gone:
+            except READ_ERRORS as exc:  # compacted away since the refresh
+                if attempt or not vanished(exc):
                     raise
                 self._refresh = None
                 self._refresh_index()
@@ -423,11 +421,32 @@ class Monitor:
         the sequence where it fired, else one row per metric with the detector's state. A
         regime first watched in a later segment (a rollback) starts from that segment; one
         watched before goes on against its reference."""
-        w = self.config.window
-        if sequences <= w:
+        if sequences <= self.config.window:
             return
         label = _describe(_regime_filter(regime))
-        state = OnlineState.load(self.index.fs, self.index.path)
+        for attempt in range(2):
+            state = OnlineState.load(self.index.fs, self.index.path)
+            try:
+                watch, alarms = self._feed_new(state, label, regime, reference, since_us)
+                break
+            except READ_ERRORS as exc:  # a file compacted away since the refresh: again, from the state as saved
+                if attempt or not vanished(exc):
+                    raise
+                self._refresh = None
+                self._refresh_index()
+        state.keep(label)
+        self._online_state = state  # saved by `run` once the report is published
+        for metric, d in watch["detectors"].items():
+            mine = [a for a in alarms if a["metric"] == metric]
+            for a in mine:
+                report.rows.append(self._online_row(report, label, metric, d, a))
+            if not mine:
+                report.rows.append(self._online_row(report, label, metric, d, None))
+
+    def _feed_new(self, state: OnlineState, label: str, regime: dict, reference: Sample,
+                  since_us: int | None) -> tuple[dict, list[dict]]:
+        """Feed the regime's detectors in `state` the sequences not fed yet: its watch and the alarms."""
+        w = self.config.window
         files = self.index.files_of(regime)
         settings = {"window": w, "target_arl": self.config.target_arl}
         watch = state.regimes.get(label)
@@ -457,14 +476,7 @@ class Monitor:
             alarms += self._feed(watch, _sample(batch, label), batch.column("request_id"))
         # the files fed, with the writers' part files each holds (what a later compaction names)
         watch["fed"] = {f: watch["fed"].get(f) or self.index.parts_of(f) for f in files}
-        state.keep(label)
-        self._online_state = state  # saved by `run` once the report is published
-        for metric, d in watch["detectors"].items():
-            mine = [a for a in alarms if a["metric"] == metric]
-            for a in mine:
-                report.rows.append(self._online_row(report, label, metric, d, a))
-            if not mine:
-                report.rows.append(self._online_row(report, label, metric, d, None))
+        return watch, alarms
 
     def _stream(self, full: list[str], partial: list[str], regime: dict, offset: int = 0,
                 after_us: int | None = None, since_us: int | None = None, unfed: dict | None = None):
