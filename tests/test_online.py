@@ -253,3 +253,43 @@ def test_an_index_refresh_drops_many_compacted_away_files_in_linear_time(tmp_pat
     refresh = index.refresh()
     assert len(refresh.removed) == len(files) and index.table.num_rows == 0
     assert time.perf_counter() - began < 2.0  # a set per row made this quadratic: about a minute
+
+
+def test_two_writers_of_the_monitor_state_at_once_each_publish_a_whole_file(tmp_path):
+    import json
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from softwatch.drift.index import write_atomically
+
+    final = f"{tmp_path}/_monitor/online.json"
+    a_started, b_done = threading.Event(), threading.Event()
+    a = json.dumps({"version": 1, "regimes": {"a": "x" * 50}}).encode()
+    b = json.dumps({"version": 1, "regimes": {"b": 1}}).encode()
+
+    def slow(sink):  # monitor A is halfway through its write when monitor B writes and publishes
+        sink.write(a[:32])
+        sink.flush()
+        a_started.set()
+        b_done.wait()
+        sink.write(a[32:])
+
+    errors = []
+
+    def write_a():
+        try:
+            write_atomically(pafs.LocalFileSystem(), final, slow)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=write_a)
+    thread.start()
+    assert a_started.wait(10)
+    write_atomically(pafs.LocalFileSystem(), final, lambda sink: sink.write(b))
+    b_done.set()
+    thread.join(10)
+    assert not errors
+    with open(final, "rb") as f:
+        assert f.read() == a  # the last rename wins, whole
+    assert sorted(p.name for p in (tmp_path / "_monitor").iterdir()) == ["online.json"]  # no temporary left

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 
 import duckdb
@@ -317,7 +318,12 @@ def write_atomically(fs: pafs.FileSystem, final: str, write) -> None:
         with fs.open_output_stream(final) as sink:
             write(sink)
         return
-    tmp = f"{directory}/.{name}.tmp"
-    with fs.open_output_stream(tmp) as sink:
-        write(sink)
-    fs.move(tmp, final)  # rename(2): atomic, replaces
+    tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"  # its own: two writers at once never share one
+    try:
+        with fs.open_output_stream(tmp) as sink:
+            write(sink)
+        fs.move(tmp, final)  # rename(2): atomic, replaces
+    except BaseException:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
+        raise
