@@ -4,7 +4,8 @@ On a local root the lock is `flock` on `<root>/_compact.lock`: the OS enforces i
 when its holder dies. An object store has no such lock, and pyarrow's filesystems offer no
 conditional write, so there the lock is a lease object (`_compact.lock`: owner, expiry) that a
 compaction writes, reads back after a pause (a racing taker's write lands in that pause and
-one of the two sees the other's owner), renews between merges, and deletes when done; a
+one of the two sees the other's owner), renews between merges (a renewal that finds another
+owner, who took a lease this one let expire, stops the compaction), and deletes when done; a
 compaction killed midway holds the root until the lease expires.
 """
 
@@ -61,10 +62,16 @@ def _leased(fs: pafs.FileSystem, path: str, lease_s: float, settle_s: float) -> 
     if held is not None and held["owner"] != owner and held["expires"] > time.time():
         raise CompactionRunning(f"another compaction holds {path} until {time.ctime(held['expires'])}")
 
-    def renew() -> None:
+    def take() -> None:
         _write(fs, path, {"owner": owner, "expires": time.time() + lease_s})
 
-    renew()
+    def renew() -> None:
+        held = _read(fs, path)
+        if held is None or held["owner"] != owner:  # stalled past the lease, and another took the root
+            raise CompactionRunning(f"another compaction took {path} while this one held it")
+        take()
+
+    take()
     time.sleep(settle_s)
     held = _read(fs, path)
     if held is None or held["owner"] != owner:
@@ -78,11 +85,19 @@ def _leased(fs: pafs.FileSystem, path: str, lease_s: float, settle_s: float) -> 
 
 
 def _read(fs: pafs.FileSystem, path: str) -> dict | None:
+    """The lease, or None when there is none. Any other failure raises: a transient error of
+    the object store must not read as a free root."""
     try:
         with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (OSError, ValueError):  # absent, or unreadable: nobody holds it
+            data = f.read()
+    except FileNotFoundError:
         return None
+    try:
+        lease = json.loads(data)
+        return {"owner": str(lease["owner"]), "expires": float(lease["expires"])}
+    except (ValueError, KeyError, TypeError):
+        raise CompactionRunning(f"the compaction lease {path} is unreadable; delete it if no compaction "
+                                "is running") from None
 
 
 def _write(fs: pafs.FileSystem, path: str, lease: dict) -> None:

@@ -48,6 +48,9 @@ TMP_SUFFIX = ".tmp"
 JOURNAL_PREFIX = "_compact-"
 COMPACT_PREFIX = "compact-"
 SOURCES_KEY = b"softwatch.sources"  # in a compacted file: the names of the files it merged
+# ... and where each merged `part-` file's rows lie in it: {part: [start, stop)} (row numbers);
+# absent in a file merged (directly or through another) before it was recorded
+SOURCE_ROWS_KEY = b"softwatch.source_rows"
 
 
 def default_root() -> str:
@@ -711,9 +714,15 @@ def _groups(small: list[pafs.FileInfo], target_bytes: int) -> list[list[pafs.Fil
 def _merge(fs: pafs.FileSystem, partition: str, inputs: list[str], schema: pa.Schema) -> int:
     tables = [pq.read_table(p, filesystem=fs) for p in inputs]
     sources = sorted({name for p, t in zip(inputs, tables) for name in _held_parts(p, t.schema.metadata)})
+    # in input order, not sorted: each part's rows stay one run of rows (SOURCE_ROWS_KEY), so a
+    # reader that knows some parts (the drift monitor's fed ones) can read exactly the others
     merged = pa.concat_tables(tables, promote_options="permissive")
-    merged = merged.select([n for n in schema.names if n in merged.column_names]).sort_by("ts")
-    merged = merged.replace_schema_metadata({SOURCES_KEY: json.dumps(sources)})
+    merged = merged.select([n for n in schema.names if n in merged.column_names])
+    metadata = {SOURCES_KEY: json.dumps(sources)}
+    rows = _source_rows(inputs, tables)
+    if rows is not None:
+        metadata[SOURCE_ROWS_KEY] = json.dumps(rows)
+    merged = merged.replace_schema_metadata(metadata)
     name = f"{COMPACT_PREFIX}{writer_id()}.parquet"
     plan = f"{partition}/{JOURNAL_PREFIX}{name}.json"
     _write_bytes(fs, plan, json.dumps({"output": f"{partition}/{name}", "inputs": inputs}).encode())
@@ -728,6 +737,24 @@ def _held_parts(path: str, metadata: dict[bytes, bytes] | None) -> list[str]:
     name = path.rsplit("/", 1)[1]
     merged = json.loads((metadata or {}).get(SOURCES_KEY, b"[]"))
     return merged + [name] if name.startswith("part-") else merged
+
+
+def _source_rows(inputs: list[str], tables: list[pa.Table]) -> dict[str, list[int]] | None:
+    """Where each `part-` file's rows lie in the concatenation of `tables`; None when an input
+    does not say where its own parts lie (merged before the ranges were recorded)."""
+    rows, offset = {}, 0
+    for path, table in zip(inputs, tables):
+        name = path.rsplit("/", 1)[1]
+        metadata = table.schema.metadata or {}
+        if SOURCE_ROWS_KEY in metadata:
+            held = json.loads(metadata[SOURCE_ROWS_KEY])
+        elif name.startswith("part-") and SOURCES_KEY not in metadata:
+            held = {name: [0, table.num_rows]}
+        else:
+            return None
+        rows.update({part: [offset + start, offset + stop] for part, (start, stop) in held.items()})
+        offset += table.num_rows
+    return rows
 
 
 def _sources(fs: pafs.FileSystem, path: str) -> list[str]:

@@ -368,6 +368,23 @@ def test_the_object_store_lease_admits_one_compaction_until_it_expires(root):
             pass
 
 
+def test_the_lease_is_free_only_when_absent_and_a_holder_that_lost_it_cannot_renew(tmp_path):
+    import pyarrow.fs as pafs
+
+    fs = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())  # not LocalFileSystem: the lease path
+    (tmp_path / rootlock.LOCK_NAME).write_text('{"owner": "abc", "expi')  # a lease that cannot be read
+    with pytest.raises(rootlock.CompactionRunning, match="unreadable"):
+        with rootlock.exclusive(fs, "", settle_s=0.01):
+            pass
+    (tmp_path / rootlock.LOCK_NAME).unlink()
+    with rootlock.exclusive(fs, "", lease_s=-1, settle_s=0.01) as stalled:  # held past its lease...
+        with rootlock.exclusive(fs, "", settle_s=0.01) as renew:  # ...another compaction takes the root
+            with pytest.raises(rootlock.CompactionRunning, match="while this one held it"):
+                stalled()
+            renew()  # and keeps it
+        assert not (tmp_path / rootlock.LOCK_NAME).exists()
+
+
 def test_a_record_parquet_cannot_take_is_refused_before_it_is_journaled(tmp_path):
     """A top_k beyond the int32 column (vLLM accepts any) must not reach the journal, where it
     would block every later flush and come back on every recovery."""

@@ -4,7 +4,8 @@ with their counts and first and last timestamps. Kept in the data root
 reading only the files added since the last one, so a run never scans the whole history
 to find its regimes. Files that disappeared (merged by compaction) drop out; the file that
 merged them comes in as a new file whose sources (its `softwatch.sources` metadata) were
-seen already. Regimes are counted apart by `params_source`: the deployment's own decoding
+seen already. A listed file whose rows a listed compacted file holds as well (a compaction's
+inputs before its deletes land) is left out, so no row is counted or fed twice. Regimes are counted apart by `params_source`: the deployment's own decoding
 parameters, and a client's per-request overrides (a null source, in files written before the
 column, counts as the deployment's).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 
 import duckdb
@@ -27,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..records import SEQUENCES
-from ..store import SOURCES_KEY, _is_data_file, _is_local, open_root
+from ..store import COMPACT_PREFIX, SOURCE_ROWS_KEY, SOURCES_KEY, _is_data_file, _is_local, open_root
 
 log = logging.getLogger("softwatch.drift")
 
@@ -73,6 +75,7 @@ class RegimeIndex:
         self.con = con or duckdb.connect()
         self.table = INDEX.empty_table()
         self._loaded = False
+        self._held: dict[str, tuple[list[str], dict | None]] = {}  # file -> its parts and their rows (immutable)
 
     @property
     def location(self) -> str:
@@ -81,15 +84,19 @@ class RegimeIndex:
     # ---- keeping it current ---------------------------------------------------------------------
     def refresh(self) -> Refresh:
         first = not self._load()
-        present = set(self._list())
+        listed = self._list()
+        present = set(listed) - self._covered(listed)
         indexed = set(self.table["file"].to_pylist())
         added = sorted(present - indexed)
         removed = sorted(indexed - present)
         if removed:
-            keep = pa.array([f not in set(removed) for f in self.table["file"].to_pylist()])
-            self.table = self.table.filter(keep)
+            gone = set(removed)
+            self.table = self.table.filter(pa.array([f not in gone for f in self.table["file"].to_pylist()]))
         if added:
-            self.table = pa.concat_tables([self.table, *[self._aggregate(f) for f in added]])
+            read = [self._aggregate(f) for f in added]
+            # a file compacted away since the listing: its rows come in with the merged file, next time
+            added = [f for f, t in zip(added, read) if t is not None]
+            self.table = pa.concat_tables([self.table, *[t for t in read if t is not None]])
         if added or removed or first:
             self._save()
         return Refresh(added, removed, first)
@@ -102,17 +109,49 @@ class RegimeIndex:
             return []
         return [i.path[len(self.path) + 1:] for i in infos if _is_data_file(i)]
 
+    def _covered(self, files: list[str]) -> set[str]:
+        """Listed files whose rows a listed compacted file holds too: the inputs of a compaction
+        that published its output and has not deleted them yet (or was killed in between), and
+        of two compactions of the same inputs all but one. They are not present: counted or fed
+        with the compacted file, their rows would be twice."""
+        partitions: dict[str, list[str]] = {}
+        for f in files:
+            partitions.setdefault(f.rsplit("/", 1)[0], []).append(f)
+        covered = set()
+        for group in partitions.values():
+            merged = [f for f in group if f.rsplit("/", 1)[1].startswith(COMPACT_PREFIX)]
+            if len(group) < 2 or not merged:
+                continue
+            held = {f: set(self.parts_of(f)) for f in group}
+            for f in group:
+                if any(g != f and (held[f] < held[g] or (held[f] == held[g] and g < f)) for g in merged):
+                    covered.add(f)
+        return covered
+
     def parts_of(self, file: str) -> list[str]:
         """The writers' `part-` files whose rows `file` holds: itself, or those a compaction
         merged into it (its `softwatch.sources` metadata)."""
-        name = file.rsplit("/", 1)[1]
-        if name.startswith("part-"):
-            return [name]
-        try:
-            with self.fs.open_input_file(f"{self.path}/{file}") as f:
-                return json.loads((pq.read_metadata(f).metadata or {}).get(SOURCES_KEY, b"[]")) or [name]
-        except (OSError, ValueError):
-            return [name]
+        return self._held_parts(file)[0]
+
+    def rows_of(self, file: str) -> dict[str, list[int]] | None:
+        """Where the rows of each `part-` file that `file` holds lie in it ({part: [start,
+        stop)}), or None where that is not recorded (a compaction that predates it)."""
+        return self._held_parts(file)[1]
+
+    def _held_parts(self, file: str) -> tuple[list[str], dict | None]:
+        if file not in self._held:
+            name = file.rsplit("/", 1)[1]
+            if name.startswith("part-"):
+                return [name], None
+            try:
+                with self.fs.open_input_file(f"{self.path}/{file}") as f:
+                    metadata = pq.read_metadata(f).metadata or {}
+            except (OSError, ValueError):
+                return [name], None
+            rows = metadata.get(SOURCE_ROWS_KEY)
+            self._held[file] = (json.loads(metadata.get(SOURCES_KEY, b"[]")) or [name],
+                                json.loads(rows) if rows else None)
+        return self._held[file]
 
     def seen_before(self, file: str, known: set[str]) -> str:
         """Whether the rows of `file` are those of `part-` files named in `known`: "all" of them
@@ -121,13 +160,19 @@ class RegimeIndex:
         seen = sum(p in known for p in parts)
         return "all" if seen == len(parts) else ("none" if seen == 0 else "some")
 
-    def _aggregate(self, file: str) -> pa.Table:
-        part = dataset([file], self.fs, self.path)
-        self.con.register("part", part)
+    def _aggregate(self, file: str) -> pa.Table | None:
+        """The index rows of `file`; None when it vanished since it was listed."""
         try:
-            got = self.con.sql(AGGREGATE).to_arrow_table()
-        finally:
-            self.con.unregister("part")
+            part = dataset([file], self.fs, self.path)
+            self.con.register("part", part)
+            try:
+                got = self.con.sql(AGGREGATE).to_arrow_table()
+            finally:
+                self.con.unregister("part")
+        except READ_ERRORS as exc:
+            if vanished(exc):
+                return None
+            raise
         n = got.num_rows
         if n == 0:
             row = {name: None for name in INDEX.names}
@@ -221,10 +266,47 @@ class RegimeIndex:
         return sorted(set(f for f, k in zip(t["file"].to_pylist(), keep) if k))
 
 
+READ_ERRORS = (duckdb.Error, OSError, pa.ArrowException)  # what reading a file that vanished raises
+
+
+def vanished(exc: BaseException) -> bool:
+    """Whether a read failed because a data file is gone (compacted away since it was listed):
+    locally a FileNotFoundError when the dataset is made; on an object store the dataset is
+    lazy, and DuckDB reports the scan's missing key as an InvalidInputException."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in ("no such file", "path does not exist", "nosuchkey", "not found"))
+
+
 def dataset(files: list[str], fs: pafs.FileSystem, path: str) -> ds.Dataset:
     """The `sequences` rows of these files (relative to the root), in the full schema: a column
     an older file lacks reads as null."""
     return ds.dataset([f"{path}/{f}" for f in files], schema=SEQUENCES, format="parquet", filesystem=fs)
+
+
+def rows_at(files: dict[str, list[list[int]]], fs: pafs.FileSystem, path: str) -> pa.Table:
+    """The `sequences` rows at these [start, stop) row ranges of these files (relative to the
+    root), in the full schema; only the row groups that hold them are read."""
+    pieces = []
+    for file, spans in files.items():
+        with fs.open_input_file(f"{path}/{file}") as source:
+            parquet = pq.ParquetFile(source)
+            group_start = 0
+            for g in range(parquet.num_row_groups):
+                group_stop = group_start + parquet.metadata.row_group(g).num_rows
+                wanted = [(max(a, group_start), min(b, group_stop)) for a, b in spans if a < group_stop and b > group_start]
+                if wanted:
+                    group = _conform(parquet.read_row_group(g))
+                    pieces += [group.slice(a - group_start, b - a) for a, b in wanted]
+                group_start = group_stop
+    return pa.concat_tables(pieces) if pieces else SEQUENCES.empty_table()
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """`table` in the `sequences` schema: a column it lacks (an older file) is null."""
+    return pa.Table.from_arrays([table[f.name].cast(f.type) if f.name in table.column_names
+                                 else pa.nulls(table.num_rows, f.type) for f in SEQUENCES], schema=SEQUENCES)
 
 
 def write_atomically(fs: pafs.FileSystem, final: str, write) -> None:
@@ -236,7 +318,12 @@ def write_atomically(fs: pafs.FileSystem, final: str, write) -> None:
         with fs.open_output_stream(final) as sink:
             write(sink)
         return
-    tmp = f"{directory}/.{name}.tmp"
-    with fs.open_output_stream(tmp) as sink:
-        write(sink)
-    fs.move(tmp, final)  # rename(2): atomic, replaces
+    tmp = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"  # its own: two writers at once never share one
+    try:
+        with fs.open_output_stream(tmp) as sink:
+            write(sink)
+        fs.move(tmp, final)  # rename(2): atomic, replaces
+    except BaseException:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
+        raise

@@ -31,13 +31,12 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
-from .index import INDEX_DIR, RegimeIndex, dataset, write_atomically
+from .index import INDEX_DIR, READ_ERRORS, RegimeIndex, dataset, rows_at, vanished, write_atomically
 from .attribution import attribute_traffic
 from .online import CUSUM, PoissonCUSUM
 from .regimes import PIN_KEYS, Plan, Segment
@@ -217,6 +216,7 @@ class Monitor:
         self.store = Store(root)
         self.index = RegimeIndex(root, self.store.con)
         self._refresh = None  # the index refresh of this run
+        self._online_state = None  # the online detectors' state this run leaves, saved once its report is out
 
     # ---- reading ------------------------------------------------------------------------------
     def sample(self, where: Filter, label: str = "", limit: int | None = None, order: str = "first") -> Sample:
@@ -253,9 +253,8 @@ class Monitor:
                 params.append(bound)
             try:
                 return _sample(self._query_files(files, _sample_sql("part", clause, n, end), params), _describe(where))
-            except (duckdb.IOException, OSError, pa.ArrowException) as exc:  # compacted away since the refresh
-                gone = isinstance(exc, FileNotFoundError) or "No such file" in str(exc) or "not found" in str(exc).lower()
-                if attempt or not gone:
+            except READ_ERRORS as exc:  # compacted away since the refresh
+                if attempt or not vanished(exc):
                     raise
                 self._refresh = None
                 self._refresh_index()
@@ -271,9 +270,13 @@ class Monitor:
 
     def _stream_files(self, files: list[str], sql: str, params: list):
         """Record batches of SQL over these files (as `_query_files`), read as they are used."""
+        yield from self._stream_view(dataset(files, self.index.fs, self.index.path), sql, params)
+
+    def _stream_view(self, part, sql: str, params: list):
+        """Record batches of SQL over `part` (a dataset or table of `sequences` rows)."""
         cursor = self.store.con.cursor()
         try:
-            cursor.register("part", dataset(files, self.index.fs, self.index.path))
+            cursor.register("part", part)
             yield from cursor.sql(sql, params=params).to_arrow_reader(65_536)
         finally:
             cursor.close()
@@ -294,7 +297,7 @@ class Monitor:
         sequences read with a LIMIT from the files that can hold them, and the online detectors
         read only the sequences added since the last run."""
         report = self._new_report()
-        self._refresh = None
+        self._refresh = self._online_state = None
         plan = self.plan()
         if plan.current is not None:
             self._watch_segment(report, plan.current, plan.baseline)
@@ -302,6 +305,8 @@ class Monitor:
         for regime in plan.overrides:
             self._window(report, regime, None)
         self._publish(report)
+        if self._online_state is not None:  # after the report: an alarm whose report failed fires again
+            self._online_state.save(self.index.fs, self.index.path)
         return report
 
     def plan(self) -> Plan:
@@ -416,11 +421,32 @@ class Monitor:
         the sequence where it fired, else one row per metric with the detector's state. A
         regime first watched in a later segment (a rollback) starts from that segment; one
         watched before goes on against its reference."""
-        w = self.config.window
-        if sequences <= w:
+        if sequences <= self.config.window:
             return
         label = _describe(_regime_filter(regime))
-        state = OnlineState.load(self.index.fs, self.index.path)
+        for attempt in range(2):
+            state = OnlineState.load(self.index.fs, self.index.path)
+            try:
+                watch, alarms = self._feed_new(state, label, regime, reference, since_us)
+                break
+            except READ_ERRORS as exc:  # a file compacted away since the refresh: again, from the state as saved
+                if attempt or not vanished(exc):
+                    raise
+                self._refresh = None
+                self._refresh_index()
+        state.keep(label)
+        self._online_state = state  # saved by `run` once the report is published
+        for metric, d in watch["detectors"].items():
+            mine = [a for a in alarms if a["metric"] == metric]
+            for a in mine:
+                report.rows.append(self._online_row(report, label, metric, d, a))
+            if not mine:
+                report.rows.append(self._online_row(report, label, metric, d, None))
+
+    def _feed_new(self, state: OnlineState, label: str, regime: dict, reference: Sample,
+                  since_us: int | None) -> tuple[dict, list[dict]]:
+        """Feed the regime's detectors in `state` the sequences not fed yet: its watch and the alarms."""
+        w = self.config.window
         files = self.index.files_of(regime)
         settings = {"window": w, "target_arl": self.config.target_arl}
         watch = state.regimes.get(label)
@@ -433,38 +459,39 @@ class Monitor:
         else:
             fed = watch["fed"]
             known = {part for parts in fed.values() for part in parts}
-            full, partial = [], []
+            full, partial, unfed = [], [], {}
             for f in files:
                 if f in fed:
                     continue
                 seen = self.index.seen_before(f, known)
-                (full if seen == "none" else partial if seen == "some" else []).append(f)
-            batches = self._stream(full, partial, regime, after_us=watch["watermark_us"])
+                if seen == "none":
+                    full.append(f)
+                elif seen == "some" and (rows := self.index.rows_of(f)) is not None:
+                    unfed[f] = [rows[p] for p in self.index.parts_of(f) if p not in known]
+                elif seen == "some":
+                    partial.append(f)
+            batches = self._stream(full, partial, regime, after_us=watch["watermark_us"], unfed=unfed)
         alarms = []
         for batch in batches:
             alarms += self._feed(watch, _sample(batch, label), batch.column("request_id"))
         # the files fed, with the writers' part files each holds (what a later compaction names)
         watch["fed"] = {f: watch["fed"].get(f) or self.index.parts_of(f) for f in files}
-        state.keep(label)
-        state.save(self.index.fs, self.index.path)
-        for metric, d in watch["detectors"].items():
-            mine = [a for a in alarms if a["metric"] == metric]
-            for a in mine:
-                report.rows.append(self._online_row(report, label, metric, d, a))
-            if not mine:
-                report.rows.append(self._online_row(report, label, metric, d, None))
+        return watch, alarms
 
     def _stream(self, full: list[str], partial: list[str], regime: dict, offset: int = 0,
-                after_us: int | None = None, since_us: int | None = None):
+                after_us: int | None = None, since_us: int | None = None, unfed: dict | None = None):
         """Record batches, in time order, of the regime's sequences (after `since_us`) in `full`
-        files (from the `offset`-th on), then of those after `after_us` in `partial` ones
-        (compactions that merged fed and unfed files)."""
+        files (from the `offset`-th on), then of those at the `unfed` row ranges of compactions
+        that merged fed and unfed files, then of those after `after_us` in `partial` ones (such
+        compactions that predate the recorded row ranges)."""
         clause, params = _regime_filter(regime).sql()
         if since_us is not None:
             clause += f" AND epoch_us(ts) > {int(since_us)}"
         base = _sample_sql("part", clause, None, "first")
         if full:
             yield from self._stream_files(full, base + (f" OFFSET {int(offset)}" if offset else ""), list(params))
+        if unfed:
+            yield from self._stream_view(rows_at(unfed, self.index.fs, self.index.path), base, list(params))
         if partial:
             yield from self._stream_files(partial, f"SELECT * FROM ({base}) WHERE ts_us > {int(after_us or 0)} "
                                           "ORDER BY ts_us", list(params))
