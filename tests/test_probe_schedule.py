@@ -67,3 +67,32 @@ def test_the_drift_monitor_probes_on_schedule_and_finds_a_numerics_change_under_
     assert store.rows("SELECT count(DISTINCT run_id) AS runs, count(DISTINCT model_rev) AS revs FROM probes") == \
         [{"runs": 3, "revs": 1}]
     store.close()
+
+
+class _HungReplica:
+    """A Serve handle whose replica never answers: its responses wait as long as they are told."""
+
+    def __getattr__(self, method):
+        return self
+
+    def remote(self):
+        return self
+
+    def result(self, timeout_s=None):
+        if timeout_s is None:
+            raise AssertionError("an unbounded wait on the LLM replica would stop the monitor's loop")
+        time.sleep(timeout_s)
+        raise TimeoutError(f"no answer in {timeout_s} s")
+
+
+def test_a_hung_llm_replica_fails_the_probe_run_not_the_monitor(tmp_path, monkeypatch):
+    from softwatch.serve.monitor import ServedLLM
+
+    monkeypatch.setattr(ServedLLM, "INFO_TIMEOUT_S", 0.2)
+    monitor = DriftMonitor({"data": str(tmp_path)})
+    monitor._stopping = True
+    monitor._wake.set()
+    monitor._thread.join(timeout=30)
+    monitor.llm = ServedLLM(_HungReplica())
+    with pytest.raises(TimeoutError):
+        monitor.probe_if_due(time.time())

@@ -35,16 +35,20 @@ MAX_LIMIT = 10_000
 
 
 class ServedLLM:
-    """The LLM deployment's probe surface, through its Serve handle (called from the loop thread)."""
+    """The LLM deployment's probe surface, through its Serve handle (called from the loop thread).
+    Bounded waits: a replica that hangs fails the probe run (`last_error`), not the monitor's loop."""
+
+    INFO_TIMEOUT_S = 30.0
+    SCORE_TIMEOUT_S = 600.0  # 64 teacher-forced probes, twice, between decode steps
 
     def __init__(self, handle):
         self.handle = handle
 
     def info(self) -> dict:
-        return self.handle.info.remote().result()
+        return self.handle.info.remote().result(timeout_s=self.INFO_TIMEOUT_S)
 
     def score_probes(self) -> dict:
-        return self.handle.score_probes.remote().result()
+        return self.handle.score_probes.remote().result(timeout_s=self.SCORE_TIMEOUT_S)
 
 
 class DriftMonitor:
