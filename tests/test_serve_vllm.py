@@ -110,7 +110,11 @@ def test_a_temperature_push_from_0_3_to_1_3_is_reported_as_drift(vllm_service, c
     (before,), (after,) = params_ids
     compared = {(_params_id(r["baseline_regime"]), _params_id(r["current_regime"])) for r in report["rows"]}
     assert compared == {(before, after)}, report["rows"][0]
-    assert min(min(r["n_baseline"], r["n_current"]) for r in report["rows"]) >= 100  # the monitor's min_sequences
+    # the monitor's min_sequences, for every metric each sequence has (repetition: from 4 generated tokens on)
+    assert min(min(r["n_baseline"], r["n_current"]) for r in report["rows"] if r["metric"] != "repetition") >= 100
+    undefined = Store(vllm_service["data"]).rows(
+        "SELECT count(*) AS n FROM sequences WHERE generated_tokens >= 4 AND repetition IS NULL")
+    assert undefined == [{"n": 0}]
     assert report["verdict"] == "drift", report["rows"]
 
 
