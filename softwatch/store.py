@@ -616,8 +616,8 @@ class Store:
 def _vanished(exc: Exception) -> bool:
     """Whether a query failed on a file that was listed and is gone: DuckDB's own reader on a
     local disk, or a pyarrow dataset (a URI root) on a local disk or an object store."""
-    message = str(exc)
-    return any(m in message for m in ("No such file", "NO_SUCH_KEY", "NoSuchKey")) or "not found" in message.lower()
+    message = str(exc).lower()  # S3 says NO_SUCH_KEY, NoSuchKey or RESOURCE_NOT_FOUND (a GetObject after a HEAD)
+    return any(m in message for m in ("no such file", "no_such_key", "nosuchkey", "not found", "not_found"))
 
 
 def _has_files(fs: pafs.FileSystem, directory: str) -> bool:

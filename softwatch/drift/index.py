@@ -276,7 +276,8 @@ def vanished(exc: BaseException) -> bool:
     if isinstance(exc, FileNotFoundError):
         return True
     text = str(exc).lower()
-    return any(sign in text for sign in ("no such file", "path does not exist", "nosuchkey", "not found"))
+    return any(sign in text for sign in ("no such file", "path does not exist", "nosuchkey", "no_such_key", "not found",
+                                         "not_found"))
 
 
 def dataset(files: list[str], fs: pafs.FileSystem, path: str) -> ds.Dataset:
