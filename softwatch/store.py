@@ -559,7 +559,7 @@ class Store:
                 relation = self.con.sql(sql, params=params)
                 return relation.to_arrow_table() if relation is not None else pa.table({})
             except (duckdb.IOException, duckdb.InvalidInputException) as exc:
-                if _vanished(exc):  # a file compacted away between listing and reading: list again
+                if vanished(exc):  # a file compacted away between listing and reading: list again
                     if attempt == 2:
                         raise
                     continue
@@ -613,11 +613,15 @@ class Store:
         return ds.dataset(directory, filesystem=self.fs, format="parquet", partitioning=partitioning, schema=full)
 
 
-def _vanished(exc: Exception) -> bool:
-    """Whether a query failed on a file that was listed and is gone: DuckDB's own reader on a
-    local disk, or a pyarrow dataset (a URI root) on a local disk or an object store."""
-    message = str(exc).lower()  # S3 says NO_SUCH_KEY, NoSuchKey or RESOURCE_NOT_FOUND (a GetObject after a HEAD)
-    return any(m in message for m in ("no such file", "no_such_key", "nosuchkey", "not found", "not_found"))
+def vanished(exc: BaseException) -> bool:
+    """Whether a read failed on a file that was listed and is gone (compacted away since):
+    a FileNotFoundError, DuckDB's own reader on a local disk, or a pyarrow dataset on a local
+    disk or an object store (S3 says NO_SUCH_KEY, NoSuchKey or RESOURCE_NOT_FOUND)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    message = str(exc).lower()
+    return any(m in message for m in ("no such file", "path does not exist", "no_such_key", "nosuchkey",
+                                      "not found", "not_found"))
 
 
 def _has_files(fs: pafs.FileSystem, directory: str) -> bool:

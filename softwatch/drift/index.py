@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..records import SEQUENCES
-from ..store import COMPACT_PREFIX, SOURCE_ROWS_KEY, SOURCES_KEY, _is_data_file, _is_local, open_root
+from ..store import COMPACT_PREFIX, SOURCE_ROWS_KEY, SOURCES_KEY, _is_data_file, _is_local, open_root, vanished
 
 log = logging.getLogger("softwatch.drift")
 
@@ -267,17 +267,6 @@ class RegimeIndex:
 
 
 READ_ERRORS = (duckdb.Error, OSError, pa.ArrowException)  # what reading a file that vanished raises
-
-
-def vanished(exc: BaseException) -> bool:
-    """Whether a read failed because a data file is gone (compacted away since it was listed):
-    locally a FileNotFoundError when the dataset is made; on an object store the dataset is
-    lazy, and DuckDB reports the scan's missing key as an InvalidInputException."""
-    if isinstance(exc, FileNotFoundError):
-        return True
-    text = str(exc).lower()
-    return any(sign in text for sign in ("no such file", "path does not exist", "nosuchkey", "no_such_key", "not found",
-                                         "not_found"))
 
 
 def dataset(files: list[str], fs: pafs.FileSystem, path: str) -> ds.Dataset:

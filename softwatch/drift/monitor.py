@@ -36,7 +36,8 @@ import pyarrow as pa
 
 from ..records import DRIFT_REPORTS, PROBES, REGIME_COLUMNS
 from ..store import ParquetSink, Store
-from .index import INDEX_DIR, READ_ERRORS, RegimeIndex, dataset, rows_at, vanished, write_atomically
+from ..store import vanished
+from .index import INDEX_DIR, READ_ERRORS, RegimeIndex, dataset, rows_at, write_atomically
 from .attribution import attribute_traffic
 from .online import CUSUM, PoissonCUSUM
 from .regimes import PIN_KEYS, Plan, Segment
